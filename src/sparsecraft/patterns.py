@@ -148,7 +148,7 @@ def split_counts(total_units: int, groups: int, sparsity: float) -> torch.Tensor
     return torch.tensor([edges[g + 1] - edges[g] for g in range(groups)], dtype=torch.long)
 
 
-def _prune_lowest(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def prune_lowest(score: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """score (G, U); counts (G,) -> keep (G, U) with the ``counts[g]`` lowest scores of row g set False."""
     order = torch.sort(score, dim=1, stable=True).indices  # (G, U), ascending, ties keep index order
     rank = torch.empty_like(order)
@@ -180,7 +180,7 @@ def topk_mask(
     if isinstance(pattern, NM):
         groups = s.reshape(rows * cols // pattern.m, pattern.m)  # (G, m)
         counts = torch.full((groups.shape[0],), pattern.m - pattern.n, dtype=torch.long)
-        return _prune_lowest(groups, counts).reshape(rows, cols)
+        return prune_lowest(groups, counts).reshape(rows, cols)
     if isinstance(pattern, Block):
         br, bc = pattern.rows, pattern.cols
         tiles = s.reshape(rows // br, br, cols // bc, bc).sum(dim=(1, 3))  # (rows/br, cols/bc) block scores
@@ -194,8 +194,8 @@ def _mask_2d(s: torch.Tensor, sparsity: float, scope: Scope) -> torch.Tensor:
     if scope == "tensor":
         flat = s.reshape(1, -1)
         counts = torch.tensor([num_pruned(flat.shape[1], sparsity)])
-        return _prune_lowest(flat, counts).reshape(rows, cols)
-    return _prune_lowest(s, split_counts(rows * cols, rows, sparsity))
+        return prune_lowest(flat, counts).reshape(rows, cols)
+    return prune_lowest(s, split_counts(rows * cols, rows, sparsity))
 
 
 def expected_zeros(shape: tuple[int, int], sparsity: float | None, pattern: Pattern | str) -> int:

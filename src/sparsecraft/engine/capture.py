@@ -1,0 +1,74 @@
+"""Catch the inputs of the first block, whatever the architecture passes (args AND kwargs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def move(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``; other objects pass through."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class BlockCall:
+    """One calibration batch as the first block sees it; ``hidden`` is replaced block after block."""
+
+    hidden: torch.Tensor  # (B, T, C)
+    args: tuple  # positional args after the hidden states
+    kwargs: dict  # attention masks, position ids, rotary embeddings, ...
+
+    def run(self, block: nn.Module, device: torch.device | str) -> torch.Tensor:
+        out = block(self.hidden.to(device), *move(self.args, device), **move(self.kwargs, device))
+        return out[0] if isinstance(out, (tuple, list)) else out  # (B, T, C)
+
+
+class _Caught(Exception):
+    """Raised by the hook to stop the forward pass once block 0's inputs are stored."""
+
+
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device | str, offload: torch.device | str = "cpu",
+) -> list[BlockCall]:
+    """Run the model up to ``first_block`` on each batch; return what the block received, stored on ``offload``."""
+    calls: list[BlockCall] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs.pop("cache", None)  # no KV cache during calibration
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        calls.append(BlockCall(hidden.detach().to(offload), move(rest, offload), move(kwargs, offload)))
+        raise _Caught
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**move(batch, device), use_cache=False)
+                except _Caught:
+                    pass
+    finally:
+        handle.remove()
+    if not calls:
+        raise ValueError("the calibration set is empty; pass at least one batch of token ids (e.g. nsamples >= 1)")
+    return calls

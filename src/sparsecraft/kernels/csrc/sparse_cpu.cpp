@@ -1,0 +1,307 @@
+// Sparse x dense products for CPU decode (1..8 tokens per pass), AVX2 + FMA + F16C.
+//
+// "Load as sparse, compute as dense": each weight row is a bitmask (64-bit words) plus its packed kept
+// values; every 8 columns, one mask byte selects a lookup-table entry that expands the next popcount(byte)
+// packed values into a dense 8-lane vector (vpermps + vblendvps for fp32, vpshufb for bf16), which is then
+// multiplied densely with the activations. Bytes moved per weight: density * itemsize + 1/8.
+// For very sparse rows a CSR variant (uint16/int32 column indices) skips the zeros entirely.
+// Threads: at::parallel_for over output rows (torch's own OpenMP pool, so no second runtime).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+struct Tables {
+  // fp32: vpshufb control per mask byte. The low 128-bit half holds the packed values of the low nibble, the
+  // high half those of the high nibble; lane k takes value rank(k) inside its half, 0x80 bytes give zeros.
+  alignas(32) uint8_t f32[256][32];
+  // bf16: both halves hold the same 8 packed bf16; lane k gets bf16 #rank(k) in its high 16 bits.
+  alignas(32) uint8_t bf16[256][32];
+  Tables() {
+    for (int b = 0; b < 256; ++b) {
+      int rank = 0;
+      for (int k = 0; k < 8; ++k) {
+        const bool kept = (b >> k) & 1;
+        if (k == 4) rank_lo[b] = (uint8_t)rank;
+        const int half_rank = k < 4 ? rank : rank - rank_lo[b];
+        for (int q = 0; q < 4; ++q) f32[b][4 * k + q] = kept ? (uint8_t)(4 * half_rank + q) : 0x80;
+        uint8_t* s = &bf16[b][4 * k];
+        s[0] = s[1] = 0x80;  // the low 16 bits of the fp32 are zero
+        s[2] = kept ? (uint8_t)(2 * rank) : 0x80;
+        s[3] = kept ? (uint8_t)(2 * rank + 1) : 0x80;
+        rank += kept;
+      }
+    }
+  }
+  uint8_t rank_lo[256];  // popcount of the low nibble: where the high half's values start
+};
+const Tables T;
+
+// Measured in L1 on this Zen 3: 0.92 ns per 8 columns, vs 1.42 ns for vpermps + blend (cross-lane permutes are slow).
+inline __m256 expand(const float* v, unsigned byte) {
+  const __m128 lo = _mm_loadu_ps(v);
+  const __m256 src = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), _mm_loadu_ps(v + T.rank_lo[byte]), 1);
+  const __m256i ctl = _mm256_load_si256((const __m256i*)T.f32[byte]);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_castps_si256(src), ctl));
+}
+
+inline __m256 expand(const uint16_t* v, unsigned byte) {
+  __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)v));
+  __m256i ctl = _mm256_load_si256((const __m256i*)T.bf16[byte]);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(src, ctl));
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// out[b, o] = sum_c W[o, c] x[b, c] for rows [r0, r1) and B tokens. x is (B, words * 64) fp32, zero padded.
+// A independent accumulators per token hide the FMA latency when B is small.
+template <typename V, int B, bool SKIP>
+void bitmask_rows(const uint64_t* mask, int64_t words, const V* vals, const int64_t* row_ptr, const float* x,
+                  float* out, int64_t out_stride, int64_t r0, int64_t r1) {
+  constexpr int A = B == 1 ? 4 : (B == 2 ? 2 : 1);
+  const int64_t xs = words * 64;
+  for (int64_t o = r0; o < r1; ++o) {
+    const uint64_t* mrow = mask + o * words;
+    const V* v = vals + row_ptr[o];
+    __m256 acc[B][A];
+    for (int b = 0; b < B; ++b)
+      for (int a = 0; a < A; ++a) acc[b][a] = _mm256_setzero_ps();
+    for (int64_t w = 0; w < words; ++w) {
+      const uint64_t m = mrow[w];
+      if (SKIP && m == 0) continue;
+      const float* xw = x + w * 64;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const unsigned byte = (unsigned)(m >> (8 * j)) & 0xffu;
+        if (SKIP && byte == 0) continue;
+        const __m256 wv = expand(v, byte);
+        v += __builtin_popcount(byte);
+        for (int b = 0; b < B; ++b)
+          acc[b][j % A] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xw + b * xs + 8 * j), acc[b][j % A]);
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      __m256 s = acc[b][0];
+      for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[b][a]);
+      out[b * out_stride + o] = hsum(s);
+    }
+  }
+}
+
+template <typename V, bool SKIP>
+void bitmask_dispatch(int64_t B, const uint64_t* mask, int64_t words, const V* vals, const int64_t* row_ptr,
+                      const float* x, float* out, int64_t rows, int64_t r0, int64_t r1) {
+  switch (B) {
+    case 1: return bitmask_rows<V, 1, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    case 2: return bitmask_rows<V, 2, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    case 3: return bitmask_rows<V, 3, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    case 4: return bitmask_rows<V, 4, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    case 5: return bitmask_rows<V, 5, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    case 6: return bitmask_rows<V, 6, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    case 7: return bitmask_rows<V, 7, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+    default: return bitmask_rows<V, 8, SKIP>(mask, words, vals, row_ptr, x, out, rows, r0, r1);
+  }
+}
+
+// CSR rows: x is transposed and padded to (cols, 8) so one 8-lane load serves all tokens of a column.
+template <typename V, typename I>
+void csr_rows(const I* col, const V* vals, const int64_t* row_ptr, const float* xt, float* out, int64_t B,
+              int64_t out_stride, int64_t r0, int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = row_ptr[o];
+    const int64_t end = row_ptr[o + 1];
+    for (; k + 4 <= end; k += 4) {
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[k])), _mm256_loadu_ps(xt + 8 * (int64_t)col[k]), a0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[k + 1])), _mm256_loadu_ps(xt + 8 * (int64_t)col[k + 1]), a1);
+      a2 = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[k + 2])), _mm256_loadu_ps(xt + 8 * (int64_t)col[k + 2]), a2);
+      a3 = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[k + 3])), _mm256_loadu_ps(xt + 8 * (int64_t)col[k + 3]), a3);
+    }
+    for (; k < end; ++k)
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(to_f32(vals[k])), _mm256_loadu_ps(xt + 8 * (int64_t)col[k]), a0);
+    alignas(32) float s[8];
+    _mm256_store_ps(s, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (int64_t b = 0; b < B; ++b) out[b * out_stride + o] = s[b];
+  }
+}
+
+// CSR, one token: scalar FMAs, four chains.
+template <typename V, typename I>
+void csr_rows_b1(const I* col, const V* vals, const int64_t* row_ptr, const float* x, float* out, int64_t r0,
+                 int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    int64_t k = row_ptr[o];
+    const int64_t end = row_ptr[o + 1];
+    for (; k + 4 <= end; k += 4) {
+      s0 = std::fma(to_f32(vals[k]), x[col[k]], s0);
+      s1 = std::fma(to_f32(vals[k + 1]), x[col[k + 1]], s1);
+      s2 = std::fma(to_f32(vals[k + 2]), x[col[k + 2]], s2);
+      s3 = std::fma(to_f32(vals[k + 3]), x[col[k + 3]], s3);
+    }
+    for (; k < end; ++k) s0 = std::fma(to_f32(vals[k]), x[col[k]], s0);
+    out[o] = (s0 + s1) + (s2 + s3);
+  }
+}
+
+// Expand rows [r0, r1) to dense (rows, words * 64) in the value dtype (for the prefill path and to_dense).
+template <typename V>
+void expand_rows(const uint64_t* mask, int64_t words, const V* vals, const int64_t* row_ptr, V* dense, int64_t r0,
+                 int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    const V* v = vals + row_ptr[o];
+    V* d = dense + o * words * 64;
+    for (int64_t c = 0; c < words * 8; ++c) {
+      const unsigned byte = ((const uint8_t*)(mask + o * words))[c];
+      const __m256 wv = expand(v, byte);
+      v += __builtin_popcount(byte);
+      if constexpr (sizeof(V) == 4) {
+        _mm256_storeu_ps((float*)d + 8 * c, wv);
+      } else {
+        __m256i i = _mm256_srli_epi32(_mm256_castps_si256(wv), 16);
+        __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storeu_si128((__m128i*)(d + 8 * c), p);
+      }
+    }
+  }
+}
+
+int64_t grain(int64_t rows) { return std::max<int64_t>(16, rows / (8 * std::max(1, at::get_num_threads()))); }
+
+void check_common(const torch::Tensor& values, const torch::Tensor& row_ptr) {
+  TORCH_CHECK(values.is_contiguous() && row_ptr.is_contiguous(), "sparsecraft kernel: non-contiguous layout");
+  TORCH_CHECK(values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16,
+              "sparsecraft kernel: values must be float32 or bfloat16");
+  TORCH_CHECK(row_ptr.scalar_type() == torch::kLong, "sparsecraft kernel: row_ptr must be int64");
+}
+
+}  // namespace
+
+// x (B, cols) any float dtype -> fp32 (B, width) contiguous, zero padded on the right.
+torch::Tensor padded_f32(const torch::Tensor& x, int64_t width) {
+  if (x.size(1) == width && x.scalar_type() == torch::kFloat && x.is_contiguous()) return x;
+  auto xp = torch::zeros({x.size(0), width}, x.options().dtype(torch::kFloat));
+  xp.narrow(1, 0, x.size(1)).copy_(x);
+  return xp;
+}
+
+// fp32 (B, rows) -> x's dtype, plus bias (added in fp32 before rounding, as a dense GEMM does).
+torch::Tensor finish(torch::Tensor out, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(torch::kFloat));
+  return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
+}
+
+// mask: int64 (rows, words) bit words, bit c of word w = column 64 w + c; values: (nnz + 8,) fp32/bf16, packed
+// row-major, 8 zeros of padding; row_ptr: int64 (rows + 1,); x: (B, cols) -> (B, rows) in x's dtype.
+torch::Tensor bitmask_linear(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, torch::Tensor x,
+                             c10::optional<torch::Tensor> bias, bool skip_zero_bytes) {
+  check_common(values, row_ptr);
+  TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == torch::kLong && mask.dim() == 2, "bad mask");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= mask.size(1) * 64, "x must be (B, cols)");
+  const int64_t rows = mask.size(0), words = mask.size(1), B = x.size(0);
+  const auto xp = padded_f32(x, words * 64);
+  auto out = torch::empty({B, rows}, x.options().dtype(torch::kFloat));
+  const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  float* po = out.data_ptr<float>();
+  const bool bf16 = values.scalar_type() == torch::kBFloat16;
+  const void* pv = values.data_ptr();
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, B - b0);
+    const float* px = xp.data_ptr<float>() + b0 * words * 64;
+    float* pob = po + b0 * rows;
+    at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) {
+      if (bf16 && skip_zero_bytes)
+        bitmask_dispatch<uint16_t, true>(nb, m, words, (const uint16_t*)pv, rp, px, pob, rows, r0, r1);
+      else if (bf16)
+        bitmask_dispatch<uint16_t, false>(nb, m, words, (const uint16_t*)pv, rp, px, pob, rows, r0, r1);
+      else if (skip_zero_bytes)
+        bitmask_dispatch<float, true>(nb, m, words, (const float*)pv, rp, px, pob, rows, r0, r1);
+      else
+        bitmask_dispatch<float, false>(nb, m, words, (const float*)pv, rp, px, pob, rows, r0, r1);
+    });
+  }
+  return finish(out, x, bias);
+}
+
+template <typename V, typename I>
+void csr_launch(const I* col, const V* vals, const int64_t* rp, const torch::Tensor& x, float* po, int64_t rows) {
+  const int64_t B = x.size(0), cols = x.size(1);
+  if (B == 1) {
+    const float* px = x.data_ptr<float>();
+    at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) { csr_rows_b1(col, vals, rp, px, po, r0, r1); });
+    return;
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    const int64_t nb = std::min<int64_t>(8, B - b0);
+    auto xt = torch::zeros({cols, 8}, x.options());
+    xt.narrow(1, 0, nb).copy_(x.narrow(0, b0, nb).t());
+    const float* pxt = xt.data_ptr<float>();
+    float* pob = po + b0 * rows;
+    at::parallel_for(0, rows, grain(rows),
+                     [&](int64_t r0, int64_t r1) { csr_rows(col, vals, rp, pxt, pob, nb, rows, r0, r1); });
+  }
+}
+
+// col: int16 (read as uint16) or int32 (nnz,); values (nnz,); row_ptr (rows + 1,); x (B, cols) -> (B, rows).
+torch::Tensor csr_linear(torch::Tensor col, torch::Tensor values, torch::Tensor row_ptr, torch::Tensor x,
+                         c10::optional<torch::Tensor> bias) {
+  check_common(values, row_ptr);
+  TORCH_CHECK(x.dim() == 2 && col.is_contiguous(), "x must be (B, cols) and col contiguous");
+  const int64_t rows = row_ptr.size(0) - 1;
+  const auto xf = padded_f32(x, x.size(1));
+  auto out = torch::empty({x.size(0), rows}, xf.options());
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  float* po = out.data_ptr<float>();
+  const bool bf16 = values.scalar_type() == torch::kBFloat16;
+  if (col.scalar_type() == torch::kShort) {
+    const auto* c = (const uint16_t*)col.data_ptr<int16_t>();
+    if (bf16) csr_launch(c, (const uint16_t*)values.data_ptr(), rp, xf, po, rows);
+    else csr_launch(c, values.data_ptr<float>(), rp, xf, po, rows);
+  } else {
+    TORCH_CHECK(col.scalar_type() == torch::kInt, "col must be int16 or int32");
+    const int32_t* c = col.data_ptr<int32_t>();
+    if (bf16) csr_launch(c, (const uint16_t*)values.data_ptr(), rp, xf, po, rows);
+    else csr_launch(c, values.data_ptr<float>(), rp, xf, po, rows);
+  }
+  return finish(out, x, bias);
+}
+
+// Bitmask layout -> dense (rows, words * 64) in the values' dtype (prefill path, fast to_dense).
+torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr) {
+  check_common(values, row_ptr);
+  const int64_t rows = mask.size(0), words = mask.size(1);
+  auto dense = torch::empty({rows, words * 64}, values.options());
+  const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const bool bf16 = values.scalar_type() == torch::kBFloat16;
+  at::parallel_for(0, rows, grain(rows), [&](int64_t r0, int64_t r1) {
+    if (bf16)
+      expand_rows(m, words, (const uint16_t*)values.data_ptr(), rp, (uint16_t*)dense.data_ptr(), r0, r1);
+    else
+      expand_rows(m, words, values.data_ptr<float>(), rp, dense.data_ptr<float>(), r0, r1);
+  });
+  return dense;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("bitmask_linear", &bitmask_linear, "bitmask-sparse weight (rows, cols) applied to x (B, cols) -> (B, rows)");
+  mod.def("csr_linear", &csr_linear, "CSR-sparse weight applied to x (B, cols) -> (B, rows)");
+  mod.def("bitmask_expand", &bitmask_expand, "bitmask layout -> dense rows padded to a multiple of 64 columns");
+}

@@ -1,0 +1,101 @@
+"""CPU kernels vs the plain-torch reference, and the reference vs dense F.linear."""
+
+import pytest
+import torch
+
+from sparsecraft.kernels import expand_dense, load_kernels, make_layout, sparse_linear, sparse_linear_ref
+from sparsecraft.kernels.build import cpu_has_avx2
+from sparsecraft.kernels.layout import layout_keep, layout_to_dense
+from sparsecraft.patterns import topk_mask
+
+needs_ext = pytest.mark.skipif(load_kernels() is None, reason="compiled kernels cannot build here")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: {}, torch.float16: {}}
+
+
+def _case(rows: int, cols: int, dtype: torch.dtype, pattern: str, sparsity: float | None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    keep = topk_mask(torch.rand(rows, cols, generator=g), sparsity, pattern)
+    keep[0] = True  # an all-kept row
+    keep[-1] = False  # an all-pruned row
+    return torch.where(keep, w, torch.zeros((), dtype=dtype)), keep
+
+
+SHAPES = [(1, 1), (5, 65), (37, 200), (64, 128), (130, 257)]
+
+
+def test_extension_builds_on_avx2_machines():
+    assert cpu_has_avx2() == (load_kernels() is not None)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bitmask", "csr"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", [1, 3, 8, 13])
+def test_kernel_matches_reference(dtype, kind, shape, batch):
+    w, keep = _case(*shape, dtype, "unstructured", 0.6)
+    layout = make_layout(w, keep, kind)
+    x = torch.randn(batch, shape[1]).to(dtype)
+    bias = torch.randn(shape[0]).to(dtype)
+    torch.testing.assert_close(sparse_linear(layout, x, bias), sparse_linear_ref(layout, x, bias), **TOL[dtype])
+    torch.testing.assert_close(sparse_linear(layout, x), sparse_linear_ref(layout, x), **TOL[dtype])
+
+
+@needs_ext
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("4:8", None), ("1:4", None), ("4x8", 0.5), ("1x16", 0.7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_kernel_patterns(pattern, sparsity, dtype, batch):
+    w, keep = _case(24, 96, dtype, pattern, sparsity)
+    for kind in ["bitmask", "csr", "auto"]:
+        layout = make_layout(w, keep, kind)
+        x = torch.randn(batch, 96).to(dtype)
+        torch.testing.assert_close(sparse_linear(layout, x), sparse_linear_ref(layout, x), **TOL[dtype])
+
+
+def test_block_layout_skips_zero_bytes_and_stays_exact():
+    w, keep = _case(16, 256, torch.float32, "1x16", 0.75)
+    layout = make_layout(w, keep, "bitmask")
+    assert layout.skip_zero_bytes
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(sparse_linear(layout, x), sparse_linear_ref(layout, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["bitmask", "csr"])
+def test_reference_matches_dense_linear(dtype, kind):
+    w, keep = _case(37, 200, dtype, "unstructured", 0.5)
+    layout = make_layout(w, keep, kind)
+    x = torch.randn(4, 200).to(dtype)
+    expected = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    torch.testing.assert_close(sparse_linear_ref(layout, x), expected, **TOL[dtype])
+    torch.testing.assert_close(sparse_linear(layout, x, use_kernel=False), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["bitmask", "csr"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layouts_are_exact(dtype, kind, shape):
+    w, keep = _case(*shape, dtype, "unstructured", 0.5)
+    layout = make_layout(w, keep, kind)
+    assert torch.equal(layout_keep(layout), keep)
+    assert torch.equal(layout_to_dense(layout), w)
+    assert torch.equal(expand_dense(layout), w)
+
+
+def test_csr_handles_columns_above_32767():
+    w, keep = _case(2, 40000, torch.float32, "unstructured", 0.95)
+    layout = make_layout(w, keep, "csr")
+    assert layout.col.dtype == torch.int16 and torch.equal(layout_to_dense(layout), w)
+    x = torch.randn(1, 40000)
+    torch.testing.assert_close(sparse_linear(layout, x), sparse_linear_ref(layout, x), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_layout_choice():
+    w, keep = _case(64, 64, torch.float32, "unstructured", 0.9)
+    assert type(make_layout(w, keep)).__name__ == "CsrLayout"
+    w, keep = _case(8, 64, torch.float32, "unstructured", 0.5)
+    assert type(make_layout(w, keep)).__name__ == "BitmaskLayout"
+    with pytest.raises(ValueError, match="layout kind"):
+        make_layout(w, keep, "coo")

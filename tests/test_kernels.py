@@ -55,10 +55,10 @@ def test_kernel_patterns(pattern, sparsity, dtype, batch):
 
 
 def test_block_layout_skips_zero_bytes_and_stays_exact():
-    w, keep = _case(16, 256, torch.float32, "1x16", 0.75)
+    w, keep = _case(16, 1024, torch.float32, "1x64", 0.75)
     layout = make_layout(w, keep, "bitmask")
     assert layout.skip_zero_bytes
-    x = torch.randn(2, 256)
+    x = torch.randn(2, 1024)
     torch.testing.assert_close(sparse_linear(layout, x), sparse_linear_ref(layout, x), rtol=1e-4, atol=1e-4)
 
 
@@ -99,3 +99,8 @@ def test_auto_layout_choice():
     assert type(make_layout(w, keep)).__name__ == "BitmaskLayout"
     with pytest.raises(ValueError, match="layout kind"):
         make_layout(w, keep, "coo")
+
+
+def test_random_sparsity_does_not_use_the_zero_byte_branch():
+    w, keep = _case(64, 256, torch.float32, "unstructured", 0.9)
+    assert not make_layout(w, keep, "bitmask").skip_zero_bytes

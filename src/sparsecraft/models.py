@@ -41,6 +41,9 @@ def resolve_model(spec: str | None) -> tuple[str, str | None]:
         if not path.is_file():
             raise ValueError(f"model file {spec} does not exist; pass an existing .gguf file")
         return str(path.parent), path.name
+    if not path.exists() and "/" not in spec:
+        raise ValueError(f"model {spec!r} is not a local path; pass an existing directory, a .gguf file, or a "
+                         f"Hugging Face hub id of the form org/name (e.g. HuggingFaceTB/SmolLM2-135M)")
     if path.exists() or spec.startswith((".", "/", "~")):
         if not path.is_dir():
             raise ValueError(f"model path {spec} does not exist or is not a directory; pass a Hugging Face "

@@ -82,12 +82,12 @@ def run_oneshot(blocks: nn.ModuleList, blocks_fqn: str, block_targets: list[dict
                 result: PruneResult, *, seed: int = 0, device: torch.device | str = "cpu", start: int = 0,
                 on_block_done: BlockDone | None = None, progress: bool = True) -> PruneResult:
     """Prune blocks ``start..`` in order; ``calls`` hold the inputs of block ``start``."""
-    t0 = time.perf_counter()
     bar = tqdm(range(start, len(blocks)), desc="pruning blocks", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     for i in bar:
         block, targets = blocks[i], block_targets[i]
         home = next(block.parameters()).device
+        t0 = time.perf_counter()
         saved = {fqn: weight_2d(m).detach().clone() for fqn, m in targets.items()}
         try:
             block.to(device)
@@ -107,8 +107,8 @@ def run_oneshot(blocks: nn.ModuleList, blocks_fqn: str, block_targets: list[dict
                 result, done) from e
         finally:
             block.to(home)
+        result.seconds += time.perf_counter() - t0
         if on_block_done is not None:
             on_block_done(i, result, calls)
         bar.set_postfix(sparsity=f"{result.sparsity:.3f}")
-    result.seconds += time.perf_counter() - t0
     return result

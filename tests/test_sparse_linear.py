@@ -89,8 +89,26 @@ def test_sparsify_save_and_reload_bit_exact(pattern, tmp_path):
     assert torch.equal(fresh.block[2].dense_weight(), dense_ref["block.2"])
     assert torch.equal(fresh.emb.weight, model.emb.weight) and fresh.head.weight is fresh.emb.weight
     assert torch.equal(fresh(ids), out)
+    from sparsecraft.checkpoint import load_packed_state_dict  # the prune command's reader sees the same weights
+
+    assert torch.equal(load_packed_state_dict(tmp_path / "m.safetensors")["block.0.weight"], dense_ref["block.0"])
 
 
 def test_sparsify_names_unknown_modules():
     with pytest.raises(ValueError, match="not nn.Linear"):
         sparsify_model_(_Tiny(), {"block.1": torch.ones(1, dtype=torch.bool)}, "unstructured")
+
+
+def test_loads_the_prune_commands_packed_checkpoint(tmp_path):
+    from sparsecraft.checkpoint import load_packed_state_dict, save_packed
+
+    torch.manual_seed(1)
+    model = _Tiny()
+    masks = {"block.0": topk_mask(model.block[0].weight.abs(), None, "2:4")}
+    save_packed(model, masks, NM(2, 4), tmp_path / "p.safetensors")
+    dense_state = load_packed_state_dict(tmp_path / "p.safetensors")
+    fresh = _Tiny()
+    info = load_packed_model_(fresh, str(tmp_path / "p.safetensors"))
+    assert info["sparse"] == ["block.0"] and info["missing"] == []
+    assert torch.equal(fresh.block[0].dense_weight(), dense_state["block.0.weight"])
+    assert torch.equal(fresh.block[0].dense_weight(), torch.where(masks["block.0"], model.block[0].weight, 0.0))

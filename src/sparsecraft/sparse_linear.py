@@ -27,7 +27,6 @@ from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 # bench/bench_kernels.py --prefill). Below it the sparse kernel, which re-reads the packed weight once per 8
 # tokens, is faster than or level with dense.
 DENSE_MIN_TOKENS = 32
-PACKED_KEY = "weight_packed"  # safetensors prefix of a packed weight: "<fqn>.weight_packed.<entry>"
 
 
 def use_dense_path(tokens: int, dense_min_tokens: int = DENSE_MIN_TOKENS) -> bool:
@@ -153,59 +152,63 @@ def sparsify_model_(model: nn.Module, masks: dict[str, torch.Tensor], pattern: P
 
 
 def save_packed_model(model: nn.Module, path: str) -> None:
-    """One safetensors file: packed weights as ``<fqn>.weight_packed.<entry>``, all else as in state_dict."""
+    """One safetensors file in the packed-checkpoint layout of sparsecraft.checkpoint: every SparseLinear weight
+    as ``"<fqn>.weight@<entry>"`` (docs/formats.md), all else dense, JSON metadata ``sparsecraft``."""
     tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"packed": {}, "aliases": {}, "pattern": None}
     sparse = {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
     for fqn, module in sparse.items():
-        for key, t in module.packed_tensors().items():
-            tensors[f"{fqn}.{PACKED_KEY}.{key}"] = t.contiguous()
+        for name, t in module.packed_tensors().items():
+            tensors[f"{fqn}.weight@{name}"] = t.contiguous()
+        meta["packed"][f"{fqn}.weight"] = {"transposed": False}
+        meta["pattern"] = meta["pattern"] or str(module.pattern)
         if module.bias is not None:
             tensors[f"{fqn}.bias"] = module.bias.contiguous()
     skip = tuple(f"{fqn}." for fqn in sparse)
-    for key, t in model.state_dict().items():
-        if not key.startswith(skip):
-            tensors[key] = t.contiguous()
-    _save_untied(tensors, path)
-
-
-def _save_untied(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """safetensors refuses shared storage (tied embeddings): store each tensor once, by its first key."""
     seen: dict[tuple[int, int, tuple], str] = {}
-    out, aliases = {}, {}
-    for key, t in tensors.items():
+    for key, t in model.state_dict().items():
+        if key.startswith(skip):
+            continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen and t.numel():
-            aliases[key] = seen[ident]
+        if ident in seen and t.numel():  # tied weights are stored once
+            meta["aliases"][key] = seen[ident]
             continue
         seen[ident] = key
-        out[key] = t
-    save_file(out, path, metadata={"sparsecraft_aliases": json.dumps(aliases)})
+        tensors[key] = t.contiguous()
+    save_file(tensors, path, metadata={"sparsecraft": json.dumps(meta)})
 
 
 def load_packed_model_(model: nn.Module, path: str) -> dict:
-    """Load ``save_packed_model`` output into a model with the same architecture (dense Linears are swapped
-    for SparseLinear where the file holds packed weights). Returns {"sparse": [...fqns]}."""
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("sparsecraft_aliases", "{}"))
-    tensors.update({alias: tensors[target] for alias, target in aliases.items()})
-    packed: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if f".{PACKED_KEY}." in key:
-            fqn, _, entry = key.partition(f".{PACKED_KEY}.")
-            packed.setdefault(fqn, {})[entry] = t
-        else:
-            rest[key] = t
-    for fqn, d in sorted(packed.items()):
-        p = from_tensors(d)
-        bias = rest.pop(f"{fqn}.bias", None)
-        pattern = getattr(p, "pattern", parse_pattern("unstructured"))
-        layout = make_layout(p.to_dense(), p.keep())
-        _swap(model, fqn, SparseLinear(layout, bias, pattern))
-    result = model.load_state_dict(rest, strict=False)
-    sparse_prefixes = tuple(f"{fqn}." for fqn in packed)
-    missing = [k for k in result.missing_keys if not k.startswith(sparse_prefixes)]
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: keys not in this model: {result.unexpected_keys[:5]}; is it the same architecture?")
-    return {"sparse": sorted(packed), "missing": missing}
+    """Load a packed checkpoint (``save_packed_model`` or ``sparsecraft prune``'s sparse/model.safetensors) into a
+    model of the same architecture, swapping each packed Linear for a SparseLinear. Bit-exact.
+
+    Returns {"sparse": fqns now SparseLinear, "dense": packed weights loaded dense (e.g. GPT-2 Conv1D)}."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("sparsecraft", "null"))
+        raw = load_file(path)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"cannot read packed checkpoint {path} ({e}); the file is missing or corrupt") from None
+    if meta is None:
+        raise ValueError(f"{path} is not a sparsecraft packed checkpoint (no 'sparsecraft' metadata)")
+    state = {k: v for k, v in raw.items() if "@" not in k}
+    result: dict = {"sparse": [], "dense": []}
+    for key, info in sorted(meta["packed"].items()):
+        packed = from_tensors({k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(key + "@")})
+        fqn = key.removesuffix(".weight")
+        if info.get("transposed") or not isinstance(model.get_submodule(fqn), (nn.Linear, SparseLinear)):
+            dense = packed.to_dense()
+            state[key] = dense.T.contiguous() if info.get("transposed") else dense
+            result["dense"].append(fqn)
+            continue
+        pattern = getattr(packed, "pattern", parse_pattern("unstructured"))
+        bias = state.pop(f"{fqn}.bias", None)
+        _swap(model, fqn, SparseLinear(make_layout(packed.to_dense(), packed.keep()), bias, pattern))
+        result["sparse"].append(fqn)
+    state.update({key: state[target] for key, target in meta["aliases"].items()})
+    loaded = model.load_state_dict(state, strict=False)
+    if loaded.unexpected_keys:
+        raise ValueError(f"{path}: keys not in this model, e.g. {loaded.unexpected_keys[:3]}; same architecture?")
+    prefixes = tuple(f"{fqn}." for fqn in result["sparse"])
+    result["missing"] = [k for k in loaded.missing_keys if not k.startswith(prefixes)]
+    return result

@@ -16,18 +16,22 @@ from sparsecraft.kernels.layout import (
 from sparsecraft.kernels.reference import sparse_linear_ref
 
 
+_X_DTYPES = KERNEL_DTYPES + (torch.float16,)
+
+
 def kernel_supported(layout: Layout, x: torch.Tensor) -> bool:
     """True when the compiled kernel can run this product (fp32/bf16 weights, float activations)."""
-    return layout.values.dtype in KERNEL_DTYPES and x.dtype in KERNEL_DTYPES + (torch.float16,)
+    return layout.values.dtype in KERNEL_DTYPES and x.dtype in _X_DTYPES
 
 
 def sparse_linear(
     layout: Layout, x: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = True
 ) -> torch.Tensor:
-    """x (B, cols) -> x @ W.T + bias, (B, rows) in x's dtype; W is the sparse weight that ``layout`` holds."""
+    """x (..., cols) -> x @ W.T + bias, (..., rows) in x's dtype; W is the sparse weight ``layout`` holds."""
     ext = load_kernels() if use_kernel and kernel_supported(layout, x) else None
     if ext is None:
-        return sparse_linear_ref(layout, x, bias)
+        y = sparse_linear_ref(layout, x.reshape(-1, layout.shape[1]), bias)  # (tokens, rows)
+        return y.reshape(*x.shape[:-1], layout.shape[0])
     if isinstance(layout, CsrLayout):
         return ext.csr_linear(layout.col, layout.values, layout.row_ptr, x, bias)
     return ext.bitmask_linear(layout.mask, layout.values, layout.row_ptr, x, bias, layout.skip_zero_bytes)

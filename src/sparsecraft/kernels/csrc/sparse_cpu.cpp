@@ -201,21 +201,30 @@ torch::Tensor padded_f32(const torch::Tensor& x, int64_t width) {
   return xp;
 }
 
-// fp32 (B, rows) -> x's dtype, plus bias (added in fp32 before rounding, as a dense GEMM does).
+// fp32 (B, rows) -> x's dtype and leading shape, plus bias (added in fp32 before rounding, as a dense GEMM does).
 torch::Tensor finish(torch::Tensor out, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias) {
   if (bias.has_value() && bias->defined()) out.add_(bias->to(torch::kFloat));
+  auto shape = x.sizes().vec();
+  shape.back() = out.size(1);
+  out = out.view(shape);
   return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
 }
 
+torch::Tensor rows_of(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a last dimension of in_features");
+  return x.reshape({-1, x.size(-1)});
+}
+
 // mask: int64 (rows, words) bit words, bit c of word w = column 64 w + c; values: (nnz + 8,) fp32/bf16, packed
-// row-major, 8 zeros of padding; row_ptr: int64 (rows + 1,); x: (B, cols) -> (B, rows) in x's dtype.
+// row-major, 8 zeros of padding; row_ptr: int64 (rows + 1,); x: (..., cols) -> (..., rows) in x's dtype.
 torch::Tensor bitmask_linear(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, torch::Tensor x,
                              c10::optional<torch::Tensor> bias, bool skip_zero_bytes) {
   check_common(values, row_ptr);
   TORCH_CHECK(mask.is_contiguous() && mask.scalar_type() == torch::kLong && mask.dim() == 2, "bad mask");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) <= mask.size(1) * 64, "x must be (B, cols)");
-  const int64_t rows = mask.size(0), words = mask.size(1), B = x.size(0);
-  const auto xp = padded_f32(x, words * 64);
+  const auto x2 = rows_of(x);
+  TORCH_CHECK(x2.size(1) <= mask.size(1) * 64, "x must be (..., cols)");
+  const int64_t rows = mask.size(0), words = mask.size(1), B = x2.size(0);
+  const auto xp = padded_f32(x2, words * 64);
   auto out = torch::empty({B, rows}, x.options().dtype(torch::kFloat));
   const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
@@ -259,14 +268,15 @@ void csr_launch(const I* col, const V* vals, const int64_t* rp, const torch::Ten
   }
 }
 
-// col: int16 (read as uint16) or int32 (nnz,); values (nnz,); row_ptr (rows + 1,); x (B, cols) -> (B, rows).
+// col: int16 (read as uint16) or int32 (nnz,); values (nnz,); row_ptr (rows + 1,); x (..., cols) -> (..., rows).
 torch::Tensor csr_linear(torch::Tensor col, torch::Tensor values, torch::Tensor row_ptr, torch::Tensor x,
                          c10::optional<torch::Tensor> bias) {
   check_common(values, row_ptr);
-  TORCH_CHECK(x.dim() == 2 && col.is_contiguous(), "x must be (B, cols) and col contiguous");
+  TORCH_CHECK(col.is_contiguous(), "col must be contiguous");
   const int64_t rows = row_ptr.size(0) - 1;
-  const auto xf = padded_f32(x, x.size(1));
-  auto out = torch::empty({x.size(0), rows}, xf.options());
+  const auto x2 = rows_of(x);
+  const auto xf = padded_f32(x2, x2.size(1));
+  auto out = torch::empty({x2.size(0), rows}, xf.options());
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   float* po = out.data_ptr<float>();
   const bool bf16 = values.scalar_type() == torch::kBFloat16;

@@ -1,0 +1,109 @@
+"""``sparsecraft pack CHECKPOINT_DIR --output DIR``: write the packed sparse checkpoint of a pruned HF folder.
+
+The input is a Hugging Face checkpoint folder with ``masks.safetensors`` (torch.bool keep-masks keyed by module
+fqn) and ``plan.json`` (at least {"pattern": "2:4"}), as written by ``sparsecraft prune`` or ``train``. The output
+folder gets ``model.safetensors`` in the packed layout (docs/formats.md, readable by
+``sparsecraft.checkpoint.load_packed_state_dict`` and ``sparsecraft.sparse_linear.load_packed_model_``), plus the
+config, tokenizer and plan files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsecraft.checkpoint import PACKED_FILE, load_masks, save_packed
+from sparsecraft.models import load_model, parse_dtype
+from sparsecraft.patterns import parse_pattern
+
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "plan.json")
+
+
+def load_model_only(spec: str, dtype: torch.dtype) -> nn.Module:
+    """A causal LM without its tokenizer (pack and bench need only the weights); non-folders go through
+    sparsecraft.models.load_model (hub ids, .gguf files, the embedded default)."""
+    if not Path(spec).is_dir():
+        return load_model(spec, dtype=dtype)[0]
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"could not load a model from {spec}: {str(e).splitlines()[0][:300]}; it needs config.json "
+                         f"and model weights (a Hugging Face checkpoint folder)") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="pack a pruned checkpoint into the sparse on-disk format",
+                       description="Pack a pruned Hugging Face checkpoint folder (with masks.safetensors and "
+                                   "plan.json) into sparse formats: values + bitmask, N:M or block.")
+    p.add_argument("checkpoint", help="folder with a HF checkpoint, masks.safetensors and plan.json")
+    p.add_argument("--output", required=True, help="output folder for the packed checkpoint")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the plan's, else float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run)
+
+
+def read_plan(folder: Path) -> dict:
+    path = folder / "plan.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no plan.json; write one with at least {{\"pattern\": \"2:4\"}} "
+                         f"(or 'unstructured', '4x4')")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix it or rewrite it as {{\"pattern\": \"2:4\"}}") from None
+    if not isinstance(plan, dict) or "pattern" not in plan:
+        raise ValueError(f"{path} has no 'pattern' entry; add e.g. \"pattern\": \"2:4\" or \"unstructured\"")
+    return plan
+
+
+def check_inputs(checkpoint: Path, output: Path, overwrite: bool) -> None:
+    if not checkpoint.is_dir():
+        raise ValueError(f"{checkpoint} is not a folder; pass the output folder of `sparsecraft prune`")
+    if not (checkpoint / "masks.safetensors").is_file():
+        raise ValueError(f"{checkpoint} has no masks.safetensors; pass a folder written by `sparsecraft prune`")
+    if output.resolve() == checkpoint.resolve():
+        raise ValueError("--output must differ from the checkpoint folder")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {output} exists and is not empty; pass --overwrite or another --output")
+
+
+def check_masks(model: nn.Module, masks: dict) -> None:
+    modules = dict(model.named_modules())
+    unknown = [fqn for fqn in masks if fqn not in modules or not hasattr(modules[fqn], "weight")]
+    if unknown:
+        raise ValueError(f"masks.safetensors names {len(unknown)} modules this model lacks, e.g. {unknown[:3]}; "
+                         f"is it the checkpoint the masks were made for?")
+    for fqn, keep in masks.items():
+        if tuple(keep.shape) != tuple(modules[fqn].weight.shape):
+            raise ValueError(f"mask {fqn} has shape {tuple(keep.shape)} but the weight is "
+                             f"{tuple(modules[fqn].weight.shape)}; the masks belong to another model")
+
+
+def run(args: argparse.Namespace) -> int:
+    checkpoint, output = Path(args.checkpoint), Path(args.output)
+    check_inputs(checkpoint, output, args.overwrite)
+    plan = read_plan(checkpoint)
+    pattern = parse_pattern(plan["pattern"])
+    dtype = parse_dtype(args.dtype or plan.get("dtype") or "float32")
+    masks = load_masks(checkpoint / "masks.safetensors")
+    model = load_model_only(str(checkpoint), dtype)
+    check_masks(model, masks)
+    if output.exists() and args.overwrite:
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    sizes = save_packed(model, masks, pattern, output / PACKED_FILE)
+    for name in COPIED:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, output / name)
+    ratio = sizes["packed_bytes"] / max(1, sizes["dense_bytes"])
+    print(f"packed {len(masks)} weights ({pattern}): {sizes['dense_bytes'] / 2**20:.1f} MiB dense -> "
+          f"{sizes['packed_bytes'] / 2**20:.1f} MiB packed ({100 * ratio:.1f}%); wrote {output / PACKED_FILE}")
+    return 0

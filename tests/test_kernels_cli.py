@@ -1,0 +1,86 @@
+"""`sparsecraft pack` and `sparsecraft bench` on a tiny local Llama checkpoint."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sparsecraft.checkpoint import load_packed_state_dict, save_masks
+from sparsecraft.commands import bench, pack
+from sparsecraft.patterns import topk_mask
+from sparsecraft.sparse_linear import SparseLinear, load_packed_model_
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    folder = tmp_path_factory.mktemp("pruned")
+    masks = {f: topk_mask(m.weight.detach().abs(), None, "2:4") for f, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in f}
+    with torch.no_grad():
+        for f, keep in masks.items():
+            model.get_submodule(f).weight.mul_(keep)
+    model.save_pretrained(folder)
+    save_masks(masks, folder / "masks.safetensors")
+    (folder / "plan.json").write_text(json.dumps({"pattern": "2:4"}))
+    return folder, model, masks
+
+
+def _parse(module, argv):
+    parser = argparse.ArgumentParser()
+    module.register(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def test_pack_writes_an_exact_packed_checkpoint(pruned_dir, tmp_path):
+    folder, model, masks = pruned_dir
+    args = _parse(pack, ["pack", str(folder), "--output", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    state = load_packed_state_dict(tmp_path / "out")
+    for f, keep in masks.items():
+        assert torch.equal(state[f"{f}.weight"], model.get_submodule(f).weight.detach())
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "plan.json").is_file()
+    fresh = LlamaForCausalLM(model.config)
+    info = load_packed_model_(fresh, str(tmp_path / "out" / "model.safetensors"))
+    assert len(info["sparse"]) == len(masks) and isinstance(fresh.model.layers[0].mlp.up_proj, SparseLinear)
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pack_errors_are_one_line_and_say_how_to_fix(pruned_dir, tmp_path):
+    folder, _, _ = pruned_dir
+    with pytest.raises(ValueError, match="masks.safetensors"):
+        args = _parse(pack, ["pack", str(tmp_path), "--output", str(tmp_path / "o")])
+        args.func(args)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "masks.safetensors").write_bytes((folder / "masks.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="plan.json"):
+        args = _parse(pack, ["pack", str(bad), "--output", str(tmp_path / "o")])
+        args.func(args)
+
+
+def test_bench_prints_a_table_and_writes_plot(pruned_dir, tmp_path, capsys):
+    folder, _, _ = pruned_dir
+    args = _parse(bench, ["bench", str(folder), "--batch-sizes", "1,3", "--formats", "50%,2:4", "--rounds", "1",
+                          "--output", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "winner" in out and "whole model" in out
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["fmt"] for r in rows} == {"50%", "2:4", "ckpt"} and {r["batch"] for r in rows} == {1, 3}
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_rejects_bad_formats():
+    with pytest.raises(ValueError, match="50%"):
+        bench.parse_formats("fifty")
+    with pytest.raises(ValueError, match="batch-sizes"):
+        bench.parse_batches("1,x")

@@ -89,6 +89,7 @@ def test_hf_trainer_callback(tmp_path) -> None:
     model = _tiny_llama()
     masks = _wanda_free_masks(model)
     state = MaskState(model, keep=masks)
+    start = {fqn: state.weight(fqn).detach().clone() for fqn in masks}
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 16), generator=g)]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
@@ -97,4 +98,4 @@ def test_hf_trainer_callback(tmp_path) -> None:
     Trainer(model=model, args=args, train_dataset=data, callbacks=[MaskCallback(state)]).train()
     for fqn, keep in masks.items():
         w = state.weight(fqn).detach()
-        assert torch.count_nonzero(w[~keep]) == 0 and not torch.equal(w, w * 0)
+        assert torch.count_nonzero(w[~keep]) == 0 and not torch.equal(w[keep], start[fqn][keep])

@@ -98,7 +98,8 @@ class MaskState:
                 if self.record_grads:
                     self.dense_grads[fqn] = grad.detach().to_dense()
                 values = grad.values().masked_fill(~keep[rows], 0.0)
-                return torch.sparse_coo_tensor(grad.indices(), values, grad.shape, is_coalesced=True, check_invariants=False)
+                return torch.sparse_coo_tensor(grad.indices(), values, grad.shape, is_coalesced=True,
+                                               check_invariants=False)
             if self.record_grads:
                 self.dense_grads[fqn] = grad.detach().clone()
             return grad.masked_fill(~keep, 0.0)

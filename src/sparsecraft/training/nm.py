@@ -45,7 +45,9 @@ class NMTrainingConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, NM):
-            raise ValueError(f"pattern must be an NM, e.g. NM(2, 4) (parse '2:4' with parse_pattern), got {self.pattern!r}")
+            raise ValueError(
+                f"pattern must be an NM, e.g. NM(2, 4) (parse '2:4' with parse_pattern), got {self.pattern!r}"
+            )
         if self.method not in ("srste", "mdgf", "sdgf"):
             raise ValueError(f"unknown N:M method {self.method!r}: use 'srste', 'mdgf' or 'sdgf'")
         if self.decay not in ("linear", "exponential"):

@@ -104,3 +104,17 @@ def test_auto_layout_choice():
 def test_random_sparsity_does_not_use_the_zero_byte_branch():
     w, keep = _case(64, 256, torch.float32, "unstructured", 0.9)
     assert not make_layout(w, keep, "bitmask").skip_zero_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bitmask", "csr"])
+def test_prefill_tiles_match_reference(dtype, kind, monkeypatch):
+    import sparsecraft.kernels as k
+
+    monkeypatch.setattr(k, "PREFILL_TILE_ROWS", 16)  # several tiles, the last one partial
+    w, keep = _case(37, 200, dtype, "unstructured", 0.6)
+    layout = make_layout(w, keep, kind)
+    x, bias = torch.randn(40, 200).to(dtype), torch.randn(37).to(dtype)
+    torch.testing.assert_close(k.dense_tiles_linear(layout, x, bias), sparse_linear_ref(layout, x, bias), **TOL[dtype])
+    assert torch.equal(expand_dense(layout, rows=(5, 30)), w[5:30])
+    assert torch.equal(expand_dense(layout, rows=(5, 30), dtype=torch.float32), w[5:30].float())

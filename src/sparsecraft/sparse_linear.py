@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsecraft.formats import from_tensors, pack
-from sparsecraft.kernels import expand_dense, make_layout, sparse_linear
+from sparsecraft.kernels import dense_tiles_linear, make_layout, sparse_linear
 from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, layout_keep, layout_to_dense
 from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 
@@ -52,6 +52,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", layout.values)
         self.register_buffer("row_ptr", layout.row_ptr)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._layout: Layout | None = None
 
     @staticmethod
     def from_dense(
@@ -73,9 +74,14 @@ class SparseLinear(nn.Module):
 
     @property
     def layout(self) -> Layout:
-        if self.kind == "csr":
-            return CsrLayout(self.col, self.values, self.row_ptr, self.in_features)
-        return BitmaskLayout(self.mask, self.values, self.row_ptr, self.in_features, self.skip_zero_bytes)
+        # A view of the buffers, rebuilt only when .to() / load_state_dict replaced them (saves ~3 us per call).
+        values = self.values
+        if self._layout is None or self._layout.values is not values:
+            if self.kind == "csr":
+                self._layout = CsrLayout(self.col, values, self.row_ptr, self.in_features)
+            else:
+                self._layout = BitmaskLayout(self.mask, values, self.row_ptr, self.in_features, self.skip_zero_bytes)
+        return self._layout
 
     def keep(self) -> torch.Tensor:
         return layout_keep(self.layout)
@@ -106,9 +112,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out). Kept lean: at decode a SmolLM2 layer takes tens of microseconds.
         if use_dense_path(x.numel() // self.in_features, self.dense_min_tokens):
-            weight = expand_dense(self.layout, self.use_kernel).to(x.dtype)  # (out, in), freed after the call
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return torch.nn.functional.linear(x, weight, bias)
+            y = dense_tiles_linear(self.layout, x.reshape(-1, self.in_features), self.bias, self.use_kernel)
+            return y.reshape(*x.shape[:-1], self.out_features)
         return sparse_linear(self.layout, x, self.bias, self.use_kernel)
 
     def extra_repr(self) -> str:

@@ -130,9 +130,17 @@ def layout_coo(layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return idx[:, 0], idx[:, 1], layout_values(layout)
 
 
-def layout_to_dense(layout: Layout) -> torch.Tensor:
-    """Exact dense weight (rows, cols), zeros where pruned."""
-    row, col, values = layout_coo(layout)
-    dense = torch.zeros(layout.shape, dtype=values.dtype)
+def layout_to_dense(layout: Layout, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Exact dense weight rows [r0, r1) (default all) -> (r1 - r0, cols), zeros where pruned."""
+    r0, r1 = rows if rows is not None else (0, layout.shape[0])
+    if isinstance(layout, CsrLayout):  # slice the kept weights of the rows first
+        a, b = int(layout.row_ptr[r0]), int(layout.row_ptr[r1])
+        part = CsrLayout(layout.col[a:b], layout.values[a:b], layout.row_ptr[r0 : r1 + 1] - a, layout.cols)
+        row, col, values = layout_coo(part)
+    else:
+        row, col, values = layout_coo(layout)
+        inside = (row >= r0) & (row < r1)
+        row, col, values = row[inside] - r0, col[inside], values[inside]
+    dense = torch.zeros(r1 - r0, layout.shape[1], dtype=layout.values.dtype)
     dense[row, col] = values
     return dense

@@ -32,7 +32,7 @@ def test_from_dense_to_dense_is_exact_and_forward_matches(pattern, sparsity, dty
     back = sparse.to_dense()
     assert torch.equal(back.weight, torch.where(keep, lin.weight, torch.zeros((), dtype=dtype)))
     assert torch.equal(back.bias, lin.bias) and torch.equal(sparse.keep(), keep)
-    for tokens in [1, 3, 8, DENSE_MIN_TOKENS + 5]:
+    for tokens in [1, 3, 8, DENSE_MIN_TOKENS[torch.float32] + 5, DENSE_MIN_TOKENS[torch.bfloat16] + 1]:
         x = torch.randn(tokens, 96).to(dtype)
         torch.testing.assert_close(sparse(x), back(x).to(dtype), **TOL[dtype])
     x3 = torch.randn(2, 3, 96).to(dtype)  # (batch, seq, in)
@@ -40,12 +40,25 @@ def test_from_dense_to_dense_is_exact_and_forward_matches(pattern, sparsity, dty
 
 
 def test_prefill_rule_and_both_paths_agree():
-    assert not use_dense_path(1) and not use_dense_path(DENSE_MIN_TOKENS - 1)
-    assert use_dense_path(DENSE_MIN_TOKENS) and use_dense_path(512)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert not use_dense_path(1, fp32) and not use_dense_path(DENSE_MIN_TOKENS[fp32] - 1, fp32)
+    assert use_dense_path(DENSE_MIN_TOKENS[fp32], fp32) and use_dense_path(512, fp32)
+    assert not use_dense_path(128, bf16) and use_dense_path(DENSE_MIN_TOKENS[bf16], bf16)  # torch's bf16 GEMM is slow here
+    assert use_dense_path(5, fp32, dense_min_tokens=5) and not use_dense_path(4, fp32, dense_min_tokens=5)
     lin = _linear(64, 32, torch.float32, bias=False)
     sparse = SparseLinear.from_dense(lin, topk_mask(lin.weight.abs(), 0.7, "unstructured"))
-    x = torch.randn(DENSE_MIN_TOKENS, 64)
-    dense_path = sparse(x)
+    x = torch.randn(DENSE_MIN_TOKENS[fp32], 64)
+    calls = []
+    import sparsecraft.sparse_linear as sl
+
+    original = sl.dense_tiles_linear
+    sl.dense_tiles_linear = lambda *a: calls.append(1) or original(*a)
+    try:
+        dense_path = sparse(x)
+        sparse(x[:3])
+    finally:
+        sl.dense_tiles_linear = original
+    assert calls == [1]  # the prefill call went dense, the 3-token call did not
     sparse.dense_min_tokens = 10**9  # force the sparse kernel on the same input
     torch.testing.assert_close(sparse(x), dense_path, rtol=1e-4, atol=1e-4)
 

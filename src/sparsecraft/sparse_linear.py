@@ -4,7 +4,7 @@
   exactly (pruned weights are 0).
 - Decode (few tokens): the sparse kernel. Prefill (many tokens): the weight is expanded to dense on the fly and
   the dense GEMM runs, because at many tokens the product is compute bound and the dense GEMM wins (the threshold
-  is measured, see ``DENSE_MIN_TOKENS`` and docs/kernels.md).
+  is measured per dtype, see ``DENSE_MIN_TOKENS`` and docs/kernels.md).
 - ``sparsify_model_(model, masks, pattern)`` swaps every masked Linear; ``save_packed_model`` /
   ``load_packed_model_`` write and read the packed model as one safetensors file, bit-exactly.
 """
@@ -23,15 +23,18 @@ from sparsecraft.kernels import dense_tiles_linear, make_layout, sparse_linear
 from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, layout_keep, layout_to_dense
 from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 
-# From this many tokens per call on, expand the weight and run the dense GEMM (measured on a 2-core AVX2 EPYC:
-# bench/bench_kernels.py --prefill). Below it the sparse kernel, which re-reads the packed weight once per 8
-# tokens, is faster than or level with dense.
-DENSE_MIN_TOKENS = 32
+# From this many tokens per call on, run fp32 dense GEMMs on weight tiles expanded on the fly; below it, the sparse
+# kernel. Measured on the 2-core AVX2 EPYC (bench/bench_kernels.py --prefill, 4096x4096): fp32 at 50% the kernel
+# beats dense up to about 48 tokens; bf16 the kernel beats torch's bf16 GEMM (no AVX512-BF16 here) up to 128+.
+DENSE_MIN_TOKENS = {torch.float32: 64, torch.bfloat16: 256}
+DEFAULT_DENSE_MIN_TOKENS = 64  # other dtypes (their kernel path is the plain-torch reference)
 
 
-def use_dense_path(tokens: int, dense_min_tokens: int = DENSE_MIN_TOKENS) -> bool:
-    """The prefill rule: True when a call with ``tokens`` rows should run dense."""
-    return tokens >= dense_min_tokens
+def use_dense_path(tokens: int, dtype: torch.dtype, dense_min_tokens: int | None = None) -> bool:
+    """The prefill rule: True when a call with ``tokens`` rows on ``dtype`` weights should run dense GEMMs.
+    ``dense_min_tokens`` overrides the measured per-dtype threshold."""
+    threshold = dense_min_tokens or DENSE_MIN_TOKENS.get(dtype, DEFAULT_DENSE_MIN_TOKENS)
+    return tokens >= threshold
 
 
 class SparseLinear(nn.Module):
@@ -42,7 +45,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = layout.shape[1], layout.shape[0]
         self.pattern = pattern
         self.use_kernel = use_kernel
-        self.dense_min_tokens = DENSE_MIN_TOKENS
+        self.dense_min_tokens: int | None = None  # None = the measured rule of use_dense_path
         self.kind = "csr" if isinstance(layout, CsrLayout) else "bitmask"
         self.skip_zero_bytes = isinstance(layout, BitmaskLayout) and layout.skip_zero_bytes
         if isinstance(layout, CsrLayout):
@@ -111,7 +114,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out). Kept lean: at decode a SmolLM2 layer takes tens of microseconds.
-        if use_dense_path(x.numel() // self.in_features, self.dense_min_tokens):
+        if use_dense_path(x.numel() // self.in_features, self.values.dtype, self.dense_min_tokens):
             y = dense_tiles_linear(self.layout, x.reshape(-1, self.in_features), self.bias, self.use_kernel)
             return y.reshape(*x.shape[:-1], self.out_features)
         return sparse_linear(self.layout, x, self.bias, self.use_kernel)

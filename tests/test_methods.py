@@ -101,7 +101,7 @@ def test_random_depends_on_seed():
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid methods: magnitude, random, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="valid methods: .*magnitude, random, sparsegpt.*wanda"):
         get_method("obs")
 
 

@@ -14,6 +14,7 @@ from sparsecraft.engine.loop import prune_layer, run_oneshot
 from sparsecraft.engine.hooks import LayerCollector
 from sparsecraft.engine.record import PruneResult
 from sparsecraft.methods import Method, get_method
+from sparsecraft.methods.base import supports
 from sparsecraft.patterns import NM, Pattern, check_shape, check_sparsity, parse_pattern, resolve_sparsity
 
 Calibration = torch.Tensor | Iterable[torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
@@ -92,6 +93,9 @@ def prune(
         sparsity = 0.0  # only the layers named in the plan are pruned
     sparsity = resolve_sparsity(sparsity, pattern)
     method_obj = get_method(method, **(method_options or {}))
+    if not supports(method_obj, pattern):
+        raise ValueError(f"method {method!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
+                         f"method that supports blocks (magnitude, random, wanda)")
     blocks_fqn, blocks = find_blocks(model)
     per_block = [find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)]
     all_targets = {fqn: m for t in per_block for fqn, m in t.items()}
@@ -111,7 +115,7 @@ def prune(
     calls = capture_block_inputs(model, blocks[0], batches, device)
     start = 0
     if resume is not None:
-        start = resume.restore(model, calls, result)
+        start = resume.bind(model).restore(model, calls, result)
     return run_oneshot(blocks, blocks_fqn, per_block, layer_plan, calls, method_obj, pattern, result, seed=seed,
                        device=device, start=start, progress=progress,
                        on_block_done=resume.save if resume is not None else None)

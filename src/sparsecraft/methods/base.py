@@ -7,7 +7,9 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from sparsecraft.patterns import Pattern, Scope, topk_mask
+from sparsecraft.patterns import NM, Block, Pattern, Scope, Unstructured, topk_mask
+
+ALL_PATTERNS: tuple[type, ...] = (Unstructured, NM, Block)
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class LayerStats:
 
 class Method(Protocol):
     needs: ClassVar[tuple[str, ...]]  # subset of ("sqnorm", "hessian")
+    # optional: supports: ClassVar[tuple[type, ...]] = pattern classes it can produce (default: ALL_PATTERNS)
 
     def prune(
         self,
@@ -36,3 +39,8 @@ def prune_by_score(weight: torch.Tensor, score: torch.Tensor, sparsity: float, p
     """Shared tail of score methods: mask the lowest scores, zero them in a copy of the weight."""
     keep = topk_mask(score, sparsity, pattern, scope)
     return weight * keep, keep
+
+
+def supports(method: object, pattern: Pattern) -> bool:
+    """Whether ``method`` can produce ``pattern`` (methods declare ``supports``; default: every pattern)."""
+    return isinstance(pattern, getattr(method, "supports", ALL_PATTERNS))

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from sparsecraft.methods.base import LayerStats
-from sparsecraft.patterns import Pattern
+from sparsecraft.patterns import NM, Pattern, Unstructured
 from sparsecraft.solvers.obs import sparsegpt_solve
 
 
@@ -17,6 +17,7 @@ class SparseGPT:
     blocksize: int = 128  # columns solved together; the paper's default
     dampening: float = 0.01  # fraction of mean(diag H) added to the diagonal
     needs: ClassVar[tuple[str, ...]] = ("hessian",)
+    supports: ClassVar[tuple[type, ...]] = (Unstructured, NM)
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:

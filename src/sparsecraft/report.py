@@ -66,7 +66,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("checkpoint bytes (whole model)", _fmt_bytes(size["dense_checkpoint"]), _fmt_bytes(size["packed_checkpoint"])),
         ("bytes of pruned layers", _fmt_bytes(size["pruned_layers_dense"]), _fmt_bytes(size["pruned_layers_packed"])),
         ("prune time", "", f"{report['time_s']['prune']:.1f} s"),
-        ("peak memory (RSS)", "", _fmt_bytes(report["peak_memory_bytes"])),
+        ("peak memory of the process (RSS)", "", _fmt_bytes(report["peak_memory_bytes"])),
+        ("memory added by pruning (RSS)", "", _fmt_bytes(report["prune_memory_bytes"]["added_rss"])),
     ]
 
 

@@ -26,6 +26,7 @@ def run_one(method: str, pattern: str, sparsity: float | None, args: argparse.Na
 
     from sparsecraft import data, evaluate
     from sparsecraft.api import prune
+    from sparsecraft.memory import PeakMemory
     from sparsecraft.models import load_model
 
     model, tok = load_model(None)
@@ -36,14 +37,16 @@ def run_one(method: str, pattern: str, sparsity: float | None, args: argparse.Na
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     realized = 0.0
-    if method != "dense":
-        result = prune(model, method, sparsity, pattern, calib, progress=False)
-        realized = result.sparsity
+    with PeakMemory() as memory:
+        if method != "dense":
+            result = prune(model, method, sparsity, pattern, calib, progress=False)
+            realized = result.sparsity
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ppl = evaluate.perplexity(model, windows)
     return {"method": method, "pattern": pattern, "sparsity": sparsity, "realized": realized, "ppl": ppl,
-            "prune_s": seconds, "peak_rss_mb": peak, "rss_before_mb": rss0, "threads": torch.get_num_threads()}
+            "prune_s": seconds, "peak_rss_mb": peak, "rss_before_mb": rss0, "threads": torch.get_num_threads(),
+            "prune_added_rss_mb": memory.added_rss / 2**20}
 
 
 def main() -> None:
@@ -69,11 +72,11 @@ def main() -> None:
         with out.open("a") as f:
             f.write(line + "\n")
         print(line, flush=True)
-    print("\n| method | pattern | realized sparsity | perplexity | prune time (s) | peak RSS (MB) |")
+    print("\n| method | pattern | realized sparsity | perplexity | prune time (s) | memory added by the prune (MB) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['pattern'] if r['method'] != 'dense' else '-'} | {r['realized']:.4f} | "
-              f"{r['ppl']:.2f} | {r['prune_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+              f"{r['ppl']:.2f} | {r['prune_s']:.1f} | {r.get('prune_added_rss_mb', float('nan')):.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Activation-sparse products for batch-1 decoding: read only the weight columns whose input survives its threshold.
+
+The weight is kept transposed, ``wt = W.T.contiguous()`` (in, out), so the column W[:, j] is one contiguous row of
+``wt``; the AVX2 kernel (csrc/colsparse_cpu.cpp) reads density * dense bytes. ``colsparse_linear_ref`` is the
+plain-torch reference and the fallback: it masks x and multiplies densely.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from sparsecraft.kernels.build import FLAGS, _ninja_on_path, cpu_has_avx2
+
+SOURCE = Path(__file__).parent / "csrc" / "colsparse_cpu.cpp"
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+_NO_SCALE = torch.empty(0)  # the kernel reads an empty scale as "all ones"
+
+
+@functools.cache  # one compiled module per process, like kernels.build.load_kernels
+def load_colsparse() -> ModuleType | None:
+    """The compiled kernel module, or None (with one warning) when it cannot be built here."""
+    if not cpu_has_avx2():
+        warnings.warn("sparsecraft: this CPU has no AVX2/FMA; activation-sparse products use the torch reference")
+        return None
+    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
+    try:
+        from torch.utils.cpp_extension import load
+
+        _ninja_on_path()
+        return load(name=f"sparsecraft_colsparse_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as err:  # no compiler / headers / ninja: no fast path, same results
+        warnings.warn(f"sparsecraft: could not build the activation-sparse kernel ({type(err).__name__}: "
+                      f"{str(err)[:200]}); using the torch reference. help: install g++ and `pip install ninja`")
+        return None
+
+
+def transpose_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> the kernel's (in, out) contiguous layout."""
+    return weight.detach().t().contiguous()
+
+
+def colsparse_linear_ref(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
+                         threshold: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) -> (..., out): W @ (x where |x| * scale > threshold else 0) + bias, accumulated in fp32."""
+    xf = x.float()
+    score = xf.abs() if scale is None else xf.abs() * scale.float()
+    xs = torch.where(score > threshold, xf, torch.zeros((), dtype=torch.float32))
+    y = F.linear(xs, wt.float().t(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def colsparse_linear(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None, threshold: float = 0.0,
+                     bias: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
+    """Same result as ``colsparse_linear_ref``; one token (x.numel() == in) runs the AVX2 kernel when it can."""
+    ext = load_colsparse() if use_kernel and wt.dtype in WEIGHT_DTYPES and x.numel() == wt.shape[0] else None
+    if ext is None or wt.device.type != "cpu":
+        return colsparse_linear_ref(wt, x, scale, threshold, bias)
+    s = _NO_SCALE if scale is None else scale.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    y = ext.colsparse_gemv(wt, x.reshape(-1).float().contiguous(), s, float(threshold), b)
+    return y.reshape(*x.shape[:-1], wt.shape[1]).to(x.dtype)

@@ -1,0 +1,131 @@
+// Activation-sparse GEMV for batch-1 CPU decoding, AVX2 + FMA (no AVX-512 needed).
+//
+// y = W x where most inputs x_j are zeroed by a threshold: keep j when |x_j| * scale_j > threshold. The weight is
+// stored TRANSPOSED, wt (in, out) row-major, so the column W[:, j] needed by a kept input is one contiguous row of wt
+// and a skipped input is a skipped run of out * itemsize bytes: the bytes read are density * the dense bytes.
+//
+// Work split: the kept inputs are cut into one contiguous chunk per thread (equal counts); each thread streams its
+// rows of wt (long contiguous reads that the hardware prefetcher follows) into a private fp32 accumulator of `out`
+// floats, 4 rows per pass over the accumulator so it is loaded and stored once per 4 weight rows; the partial sums
+// are then added (threads * out floats, negligible next to the weight). Threads: torch's own pool (at::parallel_for).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32 (bf16 is the high half of an fp32)
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) {
+  const uint32_t u = (uint32_t)(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// acc[0:out] += sum over k in [k0, k1) of xv[k] * wt[idx[k], 0:out]
+template <typename V>
+void accumulate(const V* wt, int64_t out, const int32_t* idx, const float* xv, int64_t k0, int64_t k1, float* acc) {
+  const int64_t vec_end = out - out % 8;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const V* w0 = wt + (int64_t)idx[k] * out;
+    const V* w1 = wt + (int64_t)idx[k + 1] * out;
+    const V* w2 = wt + (int64_t)idx[k + 2] * out;
+    const V* w3 = wt + (int64_t)idx[k + 3] * out;
+    const __m256 x0 = _mm256_set1_ps(xv[k]), x1 = _mm256_set1_ps(xv[k + 1]);
+    const __m256 x2 = _mm256_set1_ps(xv[k + 2]), x3 = _mm256_set1_ps(xv[k + 3]);
+    for (int64_t o = 0; o < vec_end; o += 8) {
+      __m256 a = _mm256_loadu_ps(acc + o);
+      __m256 b = _mm256_mul_ps(x1, load8(w1 + o));
+      a = _mm256_fmadd_ps(x0, load8(w0 + o), a);
+      b = _mm256_fmadd_ps(x3, load8(w3 + o), b);
+      a = _mm256_fmadd_ps(x2, load8(w2 + o), a);
+      _mm256_storeu_ps(acc + o, _mm256_add_ps(a, b));
+    }
+    for (int64_t o = vec_end; o < out; ++o)
+      acc[o] += xv[k] * load1(w0 + o) + xv[k + 1] * load1(w1 + o) + xv[k + 2] * load1(w2 + o) +
+                xv[k + 3] * load1(w3 + o);
+  }
+  for (; k < k1; ++k) {
+    const V* w0 = wt + (int64_t)idx[k] * out;
+    const __m256 x0 = _mm256_set1_ps(xv[k]);
+    for (int64_t o = 0; o < vec_end; o += 8)
+      _mm256_storeu_ps(acc + o, _mm256_fmadd_ps(x0, load8(w0 + o), _mm256_loadu_ps(acc + o)));
+    for (int64_t o = vec_end; o < out; ++o) acc[o] += xv[k] * load1(w0 + o);
+  }
+}
+
+// Kept inputs: j with |x_j| * scale_j > threshold (scale may be null = all ones). Returns their count.
+// Branch-free: every j is written and the count advances by the predicate (about half the inputs are kept, so a
+// branch would mispredict on every other one).
+int64_t select(const float* x, const float* scale, int64_t in, float threshold, int32_t* idx, float* xv) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < in; ++j) {
+    const float s = std::abs(x[j]) * (scale ? scale[j] : 1.0f);
+    idx[n] = (int32_t)j;
+    xv[n] = x[j];
+    n += s > threshold;
+  }
+  return n;
+}
+
+template <typename V>
+void gemv(const V* wt, int64_t in, int64_t out, const float* x, const float* scale, float threshold,
+          const float* bias, float* y) {
+  std::vector<int32_t> idx(in);
+  std::vector<float> xv(in);
+  const int64_t nnz = select(x, scale, in, threshold, idx.data(), xv.data());
+  // Fewer than ~64 kept rows per thread is not worth a second thread (fork/join costs a few microseconds).
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnz / 64));
+  std::vector<float> partial(parts * out, 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      accumulate(wt, out, idx.data(), xv.data(), nnz * p / parts, nnz * (p + 1) / parts, partial.data() + p * out);
+  });
+  for (int64_t o = 0; o < out; ++o) {
+    float s = bias ? bias[o] : 0.0f;
+    for (int64_t p = 0; p < parts; ++p) s += partial[p * out + o];
+    y[o] = s;
+  }
+}
+
+}  // namespace
+
+// wt (in, out) fp32 or bf16, contiguous; x (in,) fp32; scale (in,) fp32 or empty; bias (out,) fp32 or None.
+// -> y (out,) fp32 = W @ (x where |x| * scale > threshold, else 0) + bias.
+torch::Tensor colsparse_gemv(torch::Tensor wt, torch::Tensor x, torch::Tensor scale, double threshold,
+                             c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "wt must be a contiguous (in, out) matrix");
+  TORCH_CHECK(wt.scalar_type() == torch::kFloat || wt.scalar_type() == torch::kBFloat16, "wt must be fp32 or bf16");
+  const int64_t in = wt.size(0), out = wt.size(1);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == in, "x must be fp32 (in,)");
+  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat && scale.is_contiguous() &&
+                                     scale.numel() == in), "scale must be empty or fp32 (in,)");
+  const float* ps = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  const float* pb = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == out,
+                "bias must be fp32 (out,)");
+    pb = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({out}, x.options());
+  if (wt.scalar_type() == torch::kBFloat16)
+    gemv((const uint16_t*)wt.data_ptr(), in, out, x.data_ptr<float>(), ps, (float)threshold, pb, y.data_ptr<float>());
+  else
+    gemv(wt.data_ptr<float>(), in, out, x.data_ptr<float>(), ps, (float)threshold, pb, y.data_ptr<float>());
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("colsparse_gemv", &colsparse_gemv, "activation-sparse GEMV over a transposed weight (AVX2)");
+}

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from sparsecraft.allocation import ALLOCATIONS
 from sparsecraft.methods import METHODS
 from sparsecraft.models import DTYPES
 from sparsecraft.patterns import NM, check_sparsity, parse_pattern
@@ -33,6 +34,9 @@ class RunConfig:
     include: list[str] = field(default_factory=list)  # fnmatch patterns on fqns; empty = all block Linears
     exclude: list[str] = field(default_factory=list)
     method_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"dampening": 0.05} for sparsegpt
+    allocation: str = "uniform"  # per-layer sparsity plan: uniform | erk | owl | search (sparsecraft.allocation)
+    allocation_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"M": 5, "lam": 0.08} for owl;
+    # also "min_sparsity" / "max_sparsity" (per-layer bounds) for every allocation
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -53,6 +57,11 @@ class RunConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         for fqn, s in self.layers.items():
             check_sparsity(s)
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; valid allocations: {', '.join(ALLOCATIONS)}")
+        if isinstance(pattern, NM) and self.allocation != "uniform":
+            raise ValueError(f"allocation {self.allocation!r} varies the sparsity per layer, but pattern {pattern} "
+                             f"fixes it; use --allocation uniform with N:M patterns")
 
     @property
     def effective_sparsity(self) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from sparsecraft import data, evaluate, report
+from sparsecraft.allocation import allocate
 from sparsecraft.api import prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.config import RunConfig, read_plan
@@ -43,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="calibration windows per forward (default 8)")
     p.add_argument("--dampening", type=float, help="sparsegpt: dampening fraction (default 0.01)")
+    p.add_argument("--allocation", help="per-layer sparsity plan: uniform | erk | owl | search (default uniform); "
+                                        "options via the plan file's 'allocation_options'")
     p.add_argument("--plan", help="YAML/JSON file with any of these settings, plus 'layers' (fqn -> sparsity), "
                                   "'include' and 'exclude' (fnmatch patterns on module names)")
     p.add_argument("--output", default="runs/prune", help="output directory (default runs/prune)")
@@ -55,12 +58,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     settings: dict[str, Any] = read_plan(args.plan) if args.plan else {}
     for name in ("model", "method", "sparsity", "pattern", "calib", "eval", "nsamples", "seqlen", "eval_windows",
-                 "seed", "device", "dtype", "batch_size"):
+                 "seed", "device", "dtype", "batch_size", "allocation"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.dampening is not None:
         settings["method_options"] = {**settings.get("method_options", {}), "dampening": args.dampening}
     return RunConfig.from_dict(settings)
+
+
+def layer_plan(model: torch.nn.Module, cfg: RunConfig, calib: torch.Tensor) -> dict[str, float]:
+    """cfg.layers, on top of the allocation's plan (uniform keeps the engine's own per-layer rounding)."""
+    if cfg.allocation == "uniform":
+        return dict(cfg.layers)
+    opts = dict(cfg.allocation_options)
+    bounds = {k: float(opts.pop(k)) for k in ("min_sparsity", "max_sparsity") if k in opts}
+    plan = allocate(model, cfg.allocation, cfg.effective_sparsity, cfg.pattern, calib, include=cfg.include or None,
+                    exclude=cfg.exclude or None, options=opts, seed=cfg.seed, batch_size=cfg.batch_size,
+                    device=cfg.device, **bounds)
+    return {**plan, **cfg.layers}
 
 
 def prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
@@ -100,8 +115,10 @@ def run(args: argparse.Namespace) -> int:
     if "dense_ppl" not in state.extras:
         state.extras["dense_ppl"] = evaluate.perplexity(model, windows, progress=progress) if windows is not None \
             else None
+    if "layer_plan" not in state.extras:
+        state.extras["layer_plan"] = layer_plan(model, cfg, calib)
     result = prune(model, cfg.method, cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity,
-                   cfg.pattern, calib, plan=cfg.layers or None, include=cfg.include or None,
+                   cfg.pattern, calib, plan=state.extras["layer_plan"] or None, include=cfg.include or None,
                    exclude=cfg.exclude or None, method_options=cfg.method_options, device=cfg.device,
                    batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, resume=state)
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None

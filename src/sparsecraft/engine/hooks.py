@@ -15,11 +15,13 @@ from sparsecraft.stats import Hessian, InputSqNorm
 class LayerCollector:
     """The statistics one layer's method asks for, plus the Hessian used for the reconstruction error."""
 
-    def __init__(self, module: nn.Module, fqn: str, needs: tuple[str, ...], device: torch.device | str) -> None:
+    def __init__(self, module: nn.Module, fqn: str, needs: tuple[str, ...], device: torch.device | str,
+                 hessian: bool = True) -> None:
         features = weight_2d(module).shape[1]
         self.fqn = fqn
         self.sqnorm = InputSqNorm(features) if "sqnorm" in needs else None
-        self.hessian = Hessian(features, device)
+        # hessian=False only for stats-only passes (e.g. allocation) that never measure a reconstruction error
+        self.hessian = Hessian(features, device) if hessian or "hessian" in needs else None
 
     def update(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
@@ -29,14 +31,15 @@ class LayerCollector:
             )
         if self.sqnorm is not None:
             self.sqnorm.update(x)
-        self.hessian.update(x)
+        if self.hessian is not None:
+            self.hessian.update(x)
 
 
 @contextmanager
-def collect_inputs(targets: dict[str, nn.Module], needs: tuple[str, ...],
-                   device: torch.device | str) -> Iterator[dict[str, LayerCollector]]:
+def collect_inputs(targets: dict[str, nn.Module], needs: tuple[str, ...], device: torch.device | str,
+                   hessian: bool = True) -> Iterator[dict[str, LayerCollector]]:
     """Attach one input-statistics hook per target; yield the collectors; always remove the hooks."""
-    collectors = {fqn: LayerCollector(m, fqn, needs, device) for fqn, m in targets.items()}
+    collectors = {fqn: LayerCollector(m, fqn, needs, device, hessian) for fqn, m in targets.items()}
     handles = []
     try:
         for fqn, module in targets.items():

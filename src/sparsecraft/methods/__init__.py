@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsecraft.methods.base import LayerStats, Method
+from sparsecraft.methods.dsnot import DSnoT, with_dsnot
 from sparsecraft.methods.magnitude import Magnitude
 from sparsecraft.methods.random import Random
 from sparsecraft.methods.sparsegpt import SparseGPT
@@ -19,6 +20,10 @@ METHODS: dict[str, type] = {
     "random": Random,
     "wanda": Wanda,
     "sparsegpt": SparseGPT,
+    "dsnot": DSnoT,  # DSnoT(base=...): prune-and-grow refinement of any base method's mask
+    "wanda+dsnot": with_dsnot("wanda"),
+    "sparsegpt+dsnot": with_dsnot("sparsegpt"),
+    "magnitude+dsnot": with_dsnot("magnitude"),
 }
 
 

@@ -84,3 +84,10 @@ def test_bench_rejects_bad_formats():
         bench.parse_formats("fifty")
     with pytest.raises(ValueError, match="batch-sizes"):
         bench.parse_batches("1,x")
+
+
+def test_help_texts_render(capsys):
+    for module in (bench, pack):
+        with pytest.raises(SystemExit):
+            _parse(module, [module.__name__.rsplit(".", 1)[1], "--help"])
+    assert "--batch-sizes" in capsys.readouterr().out

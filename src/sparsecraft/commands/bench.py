@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "(its masks.safetensors are then measured too)")
     p.add_argument("--batch-sizes", default="1,4,8", help="tokens per call, comma separated (default 1,4,8)")
     p.add_argument("--formats", default=DEFAULT_FORMATS,
-                   help=f"sparsities like 50%% or 0.5, N:M like 2:4 (default {DEFAULT_FORMATS})")
+                   help=f"sparsities like 50%% or 0.5, N:M like 2:4 (default {DEFAULT_FORMATS.replace('%', '%%')})")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per point (default 7)")

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module exposes register(subparsers) and sets func=run(args) -> int. Optional ones may be absent.
-COMMANDS = ["prune", "evaluate", "inspect", "pack", "bench", "train", "sweep"]
+COMMANDS = ["prune", "evaluate", "inspect", "pack", "bench", "train", "sweep", "activations"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -130,3 +130,21 @@ def test_bad_inputs_say_how_to_fix(calib: torch.Tensor) -> None:
     with attach(model, specs), pytest.raises(ValueError, match="detach"):
         attach(model, specs)
     assert hook_count(model) == 0
+
+
+def test_swapped_linears_match_hooks_and_restore_exactly(calib: torch.Tensor) -> None:
+    from sparsecraft.activation.fast import ThresholdedLinear, restore_linears_, swap_linears_
+
+    model = tiny_model("llama")
+    specs = calibrate(measure(model, calib), 0.5, "wina")
+    with torch.no_grad():
+        dense = model(input_ids=calib).logits
+        with attach(model, specs):
+            want = model(input_ids=calib).logits
+            want_one = model(input_ids=calib[:1, :1]).logits  # one token: the kernel path after the swap
+        swap_linears_(model, specs)
+        assert sum(isinstance(m, ThresholdedLinear) for m in model.modules()) == len(specs)
+        torch.testing.assert_close(model(input_ids=calib).logits, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(input_ids=calib[:1, :1]).logits, want_one, rtol=1e-4, atol=1e-4)
+        restore_linears_(model)
+        assert torch.equal(model(input_ids=calib).logits, dense)

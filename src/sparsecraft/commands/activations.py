@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("activations", help="measure activation sparsity, calibrate thresholds, evaluate them",
                        description="Activation sparsity of the inputs of every Linear in the blocks: measure the "
                                    "statistics, calibrate TEAL/WINA thresholds (uniform or greedy per-layer "
-                                   "allocation), evaluate perplexity against sparsity and the PPL-p%% sparsity.")
+                                   "allocation), evaluate perplexity against sparsity and the PPL-p% sparsity.")
     p.add_argument("action", choices=["measure", "calibrate", "eval"])
     p.add_argument("--model", help="Hugging Face id, local HF directory, or .gguf file (default: SmolLM2-135M)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparsecraft.engine.blocks import find_blocks, find_targets, weight_2d
-from sparsecraft.engine.capture import capture_block_inputs
+from sparsecraft.engine.capture import capture_block_inputs, outside_blocks_on
 from sparsecraft.engine.loop import prune_layer, run_oneshot
 from sparsecraft.engine.hooks import LayerCollector
 from sparsecraft.engine.record import PruneResult
@@ -76,6 +76,7 @@ def prune(
     exclude: list[str] | None = None,
     method_options: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
+    offload: torch.device | str = "cpu",
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
@@ -86,7 +87,9 @@ def prune(
     ``sparsity`` is the uniform default (ignored for N:M, which fixes it); ``plan`` maps fqn -> sparsity.
     ``include`` / ``exclude`` are fnmatch patterns on fqns (e.g. ``["*.mlp.*"]``). Embeddings and the LM head
     are never pruned. Returns a PruneResult with explicit keep-masks and per-layer realized sparsity, relative
-    reconstruction error and time. ``resume`` is an optional ``sparsecraft.engine.resume.ResumeState``.
+    reconstruction error and time. Blocks move to ``device`` one at a time; cached block inputs live on
+    ``offload`` (CPU by default, or the device itself when it has room). ``resume`` is an optional
+    ``sparsecraft.engine.resume.ResumeState``.
     """
     pattern = parse_pattern(pattern)
     if sparsity is None and plan and not isinstance(pattern, NM):
@@ -112,7 +115,8 @@ def prune(
             raise ValueError(f"method {name!r} needs calibration data; pass calibration=token ids (nsamples, seqlen)")
         return _prune_data_free(per_block, layer_plan, method_obj, pattern, seed, result)
     batches = as_batches(calibration, batch_size)
-    calls = capture_block_inputs(model, blocks[0], batches, device)
+    with outside_blocks_on(model, blocks_fqn, device):
+        calls = capture_block_inputs(model, blocks[0], batches, device, offload)
     start = 0
     if resume is not None:
         start = resume.bind(model).restore(model, calls, result)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,3 +73,22 @@ def capture_block_inputs(
     if not calls:
         raise ValueError("the calibration set is empty; pass at least one batch of token ids (e.g. nsamples >= 1)")
     return calls
+
+
+@contextmanager
+def outside_blocks_on(model: nn.Module, blocks_fqn: str, device: torch.device | str) -> Iterator[None]:
+    """Move every parameter and buffer outside the block list (embeddings, rotary tables, ...) to ``device`` for
+    the capture pass, and back afterwards; the blocks stay where they are (they move one at a time later)."""
+    prefix = blocks_fqn + "."
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    tensors = [t for n, t in model.named_parameters() if not n.startswith(prefix)]
+    tensors += [t for n, t in model.named_buffers() if not n.startswith(prefix)]
+    try:
+        for t in tensors:
+            if t.device != torch.device(device):
+                moved.append((t, t.device))
+                t.data = t.data.to(device)
+        yield
+    finally:
+        for t, home in moved:
+            t.data = t.data.to(home)

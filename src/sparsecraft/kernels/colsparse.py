@@ -57,13 +57,23 @@ def colsparse_linear_ref(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor 
     return y.to(x.dtype)
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def colsparse_linear(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None, threshold: float = 0.0,
                      bias: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
-    """Same result as ``colsparse_linear_ref``; one token (x.numel() == in) runs the AVX2 kernel when it can."""
-    ext = load_colsparse() if use_kernel and wt.dtype in WEIGHT_DTYPES and x.numel() == wt.shape[0] else None
-    if ext is None or wt.device.type != "cpu":
+    """Same result as ``colsparse_linear_ref``; one token (x.numel() == in) runs the AVX2 kernel when it can.
+
+    Batch-1 decode calls this once per Linear per token, so the Python side does as few torch calls as it can
+    (each costs about a microsecond, the kernel itself a few to a few hundred).
+    """
+    ext = None
+    if use_kernel and x.numel() == wt.shape[0] and wt.dtype in WEIGHT_DTYPES and wt.device.type == "cpu":
+        ext = load_colsparse()
+    if ext is None:
         return colsparse_linear_ref(wt, x, scale, threshold, bias)
-    s = _NO_SCALE if scale is None else scale.float().contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    y = ext.colsparse_gemv(wt, x.reshape(-1).float().contiguous(), s, float(threshold), b)
-    return y.reshape(*x.shape[:-1], wt.shape[1]).to(x.dtype)
+    y = ext.colsparse_gemv(wt, _f32(x).view(-1), _NO_SCALE if scale is None else _f32(scale), float(threshold),
+                           None if bias is None else _f32(bias))
+    y = y.view(*x.shape[:-1], wt.shape[1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -2,8 +2,8 @@
 
 Default corpus ("shakespeare": calibration works vs held-out Hamlet/Macbeth/Othello). Reduced settings because the
 machine has 2 shared cores: calibration 8 windows x 256 tokens (seed 0), evaluation 8 windows x 512 tokens.
-Configurations are split over ``--workers`` processes (one thread each); every finished row is appended to
-``--out`` as one JSON line, and rows already there are skipped (rerun to resume). Usage:
+Configurations are shared by ``--workers`` processes (one thread each); every finished row is appended to
+``--out`` as one JSON line; rows already there are skipped (to resume, delete ``<out>.claims`` and rerun). Usage:
     OMP_NUM_THREADS=1 python bench/bench_allocation.py [--workers 2] [--out bench/results/allocation.jsonl]
     python bench/bench_allocation.py --table   # print the Markdown table from --out
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,25 +20,38 @@ from pathlib import Path
 
 OWL = {"M": 5.0, "lam": 0.08}  # the OWL paper's LLaMA settings, not tuned here
 SEARCH = {"generations": 8, "offspring": 4, "survivors": 1, "fitness_windows": 2, "fitness_tokens": 128}
-# name, method, method options, pattern, sparsity, allocation, allocation options
-CONFIGS: list[list[tuple]] = [
-    [("dense", None, {}, "unstructured", 0.0, "uniform", {}),
-     ("wanda", "wanda", {}, "unstructured", 0.7, "uniform", {}),
-     ("owl+wanda", "wanda", {}, "unstructured", 0.7, "owl", OWL),
-     ("wanda", "wanda", {}, "unstructured", 0.6, "uniform", {}),
-     ("wanda+dsnot", "wanda+dsnot", {"max_iter": 20}, "unstructured", 0.6, "uniform", {}),
-     ("wanda", "wanda", {}, "unstructured", 0.5, "uniform", {}),
-     ("wanda", "wanda", {}, "2:4", None, "uniform", {}),
-     ("search+wanda", "wanda", {}, "unstructured", 0.7, "search", SEARCH)],
-    [("sparsegpt", "sparsegpt", {}, "unstructured", 0.7, "uniform", {}),
-     ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", {"max_iter": 10}, "unstructured", 0.7, "owl", OWL),
-     ("sparsegpt", "sparsegpt", {}, "unstructured", 0.6, "uniform", {}),
-     ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", {"max_iter": 10}, "unstructured", 0.6, "owl", OWL),
-     ("sparsegpt", "sparsegpt", {}, "2:4", None, "uniform", {}),
-     ("sparsegpt+dsnot", "sparsegpt+dsnot", {"max_iter": 10}, "2:4", None, "uniform", {}),
-     ("sparsegpt", "sparsegpt", {}, "unstructured", 0.5, "uniform", {}),
-     ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", {"max_iter": 10}, "unstructured", 0.5, "owl", OWL)],
+# name, method, method options, pattern, sparsity, allocation, allocation options; in priority order. Workers take
+# the next unclaimed configuration (a claim is a file next to --out), so any number of workers share the list.
+DSNOT = {"max_iter": 10}
+CONFIGS: list[tuple] = [
+    ("dense", None, {}, "unstructured", 0.0, "uniform", {}),
+    ("wanda", "wanda", {}, "unstructured", 0.7, "uniform", {}),
+    ("sparsegpt", "sparsegpt", {}, "unstructured", 0.7, "uniform", {}),
+    ("owl+wanda", "wanda", {}, "unstructured", 0.7, "owl", OWL),
+    ("wanda+dsnot", "wanda+dsnot", DSNOT, "unstructured", 0.6, "uniform", {}),
+    ("wanda", "wanda", {}, "unstructured", 0.6, "uniform", {}),
+    ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", DSNOT, "unstructured", 0.7, "owl", OWL),
+    ("sparsegpt", "sparsegpt", {}, "unstructured", 0.6, "uniform", {}),
+    ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", DSNOT, "unstructured", 0.6, "owl", OWL),
+    ("wanda", "wanda", {}, "2:4", None, "uniform", {}),
+    ("sparsegpt", "sparsegpt", {}, "2:4", None, "uniform", {}),
+    ("sparsegpt+dsnot", "sparsegpt+dsnot", DSNOT, "2:4", None, "uniform", {}),
+    ("wanda", "wanda", {}, "unstructured", 0.5, "uniform", {}),
+    ("sparsegpt", "sparsegpt", {}, "unstructured", 0.5, "uniform", {}),
+    ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", DSNOT, "unstructured", 0.5, "owl", OWL),
+    ("search+wanda", "wanda", {}, "unstructured", 0.7, "search", SEARCH),
 ]
+
+
+def claim(c: tuple, out: Path) -> bool:
+    """True if this process is the first to take configuration ``c``."""
+    folder = out.with_suffix(".claims")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / key(c).replace("|", "_"), os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
 
 
 def key(c: tuple) -> str:
@@ -58,10 +72,10 @@ def worker(index: int, args: argparse.Namespace) -> None:
     windows = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), args.eval_seqlen,
                                 args.eval_windows)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    done = done_keys(Path(args.out))
-    for c in CONFIGS[index]:
+    order = CONFIGS if not args.only else [c for k in args.only.split(",") for c in CONFIGS if key(c) == k]
+    for c in order:
         name, method, mopts, pattern, sparsity, alloc, aopts = c
-        if key(c) in done:
+        if key(c) in done_keys(Path(args.out)) or not claim(c, Path(args.out)):
             continue
         model.load_state_dict(dense)
         t0 = time.perf_counter()
@@ -117,6 +131,7 @@ def main() -> None:
     ap.add_argument("--worker", type=int)
     ap.add_argument("--out", default="bench/results/allocation.jsonl")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--only", help="comma-separated keys name|pattern|sparsity to run, in this order")
     args = ap.parse_args()
     if args.table:
         print(table(Path(args.out)))
@@ -126,7 +141,7 @@ def main() -> None:
         return
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--worker", str(i)])
-             for i in range(min(args.workers, len(CONFIGS)))]
+             for i in range(args.workers)]
     for p in procs:
         p.wait()
     print(table(Path(args.out)))

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsecraft.activation.allocation import model_sparsity
 from sparsecraft.activation.stats import InputStats
 from sparsecraft.activation.thresholds import attach, calibrate
+from sparsecraft.engine.blocks import weight_2d
 from sparsecraft.evaluate import perplexity
 
 
@@ -28,9 +30,6 @@ class CurvePoint:
 def evaluate_plan(model: nn.Module, stats: dict[str, InputStats], plan: float | dict[str, float], method: str,
                   windows: torch.Tensor, batch_size: int = 4) -> CurvePoint:
     """Perplexity with thresholds for ``plan`` attached; detached afterwards whatever happens."""
-    from sparsecraft.activation.allocation import model_sparsity
-    from sparsecraft.engine.blocks import weight_2d
-
     specs = calibrate(stats, plan, method)
     modules = dict(model.named_modules())
     weight = {f: weight_2d(modules[f]).numel() for f in specs}

@@ -148,3 +148,21 @@ def test_swapped_linears_match_hooks_and_restore_exactly(calib: torch.Tensor) ->
         torch.testing.assert_close(model(input_ids=calib[:1, :1]).logits, want_one, rtol=1e-4, atol=1e-4)
         restore_linears_(model)
         assert torch.equal(model(input_ids=calib).logits, dense)
+
+
+def test_composes_with_weight_pruning(calib: torch.Tensor) -> None:
+    from sparsecraft.api import prune
+
+    model = tiny_model("llama")
+    result = prune(model, "wanda", 0.5, "unstructured", calib)
+    weights = {f: model.get_submodule(f).weight.detach().clone() for f in result.masks}
+    with torch.no_grad():
+        pruned = model(input_ids=calib).logits
+        specs = calibrate(measure(model, calib), 0.5, "wina")  # scale = column norms of the PRUNED weights
+        with attach(model, specs, record=True) as att:
+            both = model(input_ids=calib).logits
+            realized = att.realized()
+        assert torch.equal(model(input_ids=calib).logits, pruned)
+    assert not torch.equal(both, pruned) and min(realized.values()) > 0.3
+    assert all(torch.equal(model.get_submodule(f).weight, w) for f, w in weights.items())
+    assert all(torch.equal(specs[f].scale, weights[f].float().norm(dim=0)) for f in weights)

@@ -19,6 +19,7 @@ from sparsecraft.api import prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.config import RunConfig, read_plan
 from sparsecraft.engine.resume import ResumeState, atomic_write_bytes
+from sparsecraft.memory import PeakMemory
 from sparsecraft.models import context_length, load_model, parse_dtype
 
 PARTIAL = ".partial"
@@ -117,19 +118,21 @@ def run(args: argparse.Namespace) -> int:
             else None
     if "layer_plan" not in state.extras:
         state.extras["layer_plan"] = layer_plan(model, cfg, calib)
-    result = prune(model, cfg.method, cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity,
-                   cfg.pattern, calib, plan=state.extras["layer_plan"] or None, include=cfg.include or None,
-                   exclude=cfg.exclude or None, method_options=cfg.method_options, device=cfg.device,
-                   batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, resume=state)
+    with PeakMemory() as memory:
+        result = prune(model, cfg.method, cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity,
+                       cfg.pattern, calib, plan=state.extras["layer_plan"] or None, include=cfg.include or None,
+                       exclude=cfg.exclude or None, method_options=cfg.method_options, device=cfg.device,
+                       batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, resume=state)
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None
-    numbers = write_outputs(model, tok, result, cfg, out, state.extras["dense_ppl"], sparse_ppl, t_start)
+    numbers = write_outputs(model, tok, result, cfg, out, state.extras["dense_ppl"], sparse_ppl, t_start, memory)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     print(report.terminal_table(numbers))
     print(f"\nwrote {out}/ (Hugging Face checkpoint, masks.safetensors, sparse/{PACKED_FILE}, report.md)")
     return 0
 
 
-def write_outputs(model, tok, result, cfg: RunConfig, out: Path, dense_ppl, sparse_ppl, t_start: float) -> dict:
+def write_outputs(model, tok, result, cfg: RunConfig, out: Path, dense_ppl, sparse_ppl, t_start: float,
+                  memory: PeakMemory) -> dict:
     """Everything goes to a staging folder first and is renamed into place; report.json comes last."""
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)
@@ -152,7 +155,9 @@ def write_outputs(model, tok, result, cfg: RunConfig, out: Path, dense_ppl, spar
                   "packed_checkpoint": (staging / "sparse" / PACKED_FILE).stat().st_size,
                   "pruned_layers_dense": sizes["dense_bytes"], "pruned_layers_packed": sizes["packed_bytes"]},
         "time_s": {"prune": result.seconds, "total": time.perf_counter() - t_start},
-        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # whole process
+        "prune_memory_bytes": {"peak_rss": memory.peak_rss, "added_rss": memory.added_rss,
+                               "peak_cuda": memory.peak_cuda},
     }
     full = report.build(result, cfg.to_dict(), numbers)
     images = report.plots(full, staging / "plots")

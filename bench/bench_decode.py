@@ -56,7 +56,7 @@ def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
         tokens = [nxt]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(nxt, past_key_values=cache, use_cache=True)
+            out = model(nxt, past_key_values=cache, use_cache=True)  # noqa: the kwarg still works in transformers 5
             cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
         seconds = time.perf_counter() - start

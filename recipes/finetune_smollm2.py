@@ -98,7 +98,8 @@ def main() -> None:
     (args.out / "losses.json").write_text(json.dumps(records))
     table = ("| model | perplexity | sparsity of pruned layers |\n|---|---|---|\n"
              f"| dense | {ppl_dense:.3f} | 0 |\n| Wanda {args.sparsity:.0%} | {ppl_pruned:.3f} | {result.sparsity:.6f} |\n"
-             f"| Wanda + masked fine-tune ({args.steps} steps, {args.task_weight:g} x CE + {args.distill_weight:g} x SquareHead) "
+             f"| Wanda + masked fine-tune ({args.steps} steps, {args.task_weight:g} x CE + "
+             f"{args.distill_weight:g} x SquareHead) "
              f"| {ppl_tuned:.3f} | {state.sparsity():.6f} |\n")
     (args.out / "results.md").write_text(table)
     print(table)

@@ -89,7 +89,8 @@ def main() -> None:
         "perplexity": {"dense": ppl_dense, "wanda": ppl_pruned, "wanda+finetune": ppl_tuned},
         "sparsity": {"wanda": result.sparsity, "after_finetune": state.sparsity(),
                      "pruned_weights": sum(zeros_before.values()), "nonzero_among_pruned_after": nonzero_pruned},
-        "finetune": {**{k: v for k, v in vars(args).items() if k != "out"}, "tokens": args.steps * args.batch * args.seqlen,
+        "finetune": {**{k: v for k, v in vars(args).items() if k != "out"},
+                     "tokens": args.steps * args.batch * args.seqlen,
                      "first_loss": records[0], "last_loss": records[-1]},
         "seconds": time.time() - t0,
     }
@@ -97,7 +98,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(numbers, indent=1))
     (args.out / "losses.json").write_text(json.dumps(records))
     table = ("| model | perplexity | sparsity of pruned layers |\n|---|---|---|\n"
-             f"| dense | {ppl_dense:.3f} | 0 |\n| Wanda {args.sparsity:.0%} | {ppl_pruned:.3f} | {result.sparsity:.6f} |\n"
+             f"| dense | {ppl_dense:.3f} | 0 |\n"
+             f"| Wanda {args.sparsity:.0%} | {ppl_pruned:.3f} | {result.sparsity:.6f} |\n"
              f"| Wanda + masked fine-tune ({args.steps} steps, {args.task_weight:g} x CE + "
              f"{args.distill_weight:g} x SquareHead) "
              f"| {ppl_tuned:.3f} | {state.sparsity():.6f} |\n")

@@ -145,7 +145,8 @@ def write_outputs(results: list[dict], args: argparse.Namespace, out: Path) -> N
     (out / "results.json").write_text(json.dumps({"args": jargs, "results": results}, indent=1))
     rows = summarize(results)
     dense = rows[0]["acc"]
-    lines = [f"seeds: {args.seeds}, epochs: {args.epochs}, MLP 784-{args.hidden}-{args.hidden // 3}-10, ERK allocation",
+    arch = f"MLP 784-{args.hidden}-{args.hidden // 3}-10"
+    lines = [f"seeds: {args.seeds}, epochs: {args.epochs}, {arch}, ERK allocation",
              "", "| method | target sparsity | realized sparsity | final test acc (%) | std over seeds | best epoch acc (%) "
              "| vs dense (pt) | s per run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

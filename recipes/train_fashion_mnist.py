@@ -147,8 +147,8 @@ def write_outputs(results: list[dict], args: argparse.Namespace, out: Path) -> N
     dense = rows[0]["acc"]
     arch = f"MLP 784-{args.hidden}-{args.hidden // 3}-10"
     lines = [f"seeds: {args.seeds}, epochs: {args.epochs}, {arch}, ERK allocation",
-             "", "| method | target sparsity | realized sparsity | final test acc (%) | std over seeds | best epoch acc (%) "
-             "| vs dense (pt) | s per run |", "|---|---|---|---|---|---|---|---|"]
+             "", "| method | target sparsity | realized sparsity | final test acc (%) | std over seeds "
+             "| best epoch acc (%) | vs dense (pt) | s per run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['sparsity']:.2f} | {r['realized_sparsity']:.4f} | {100 * r['acc']:.2f} "
                      f"| {100 * r['std']:.2f} | {100 * r['best']:.2f} | {100 * (r['acc'] - dense):+.2f} "

@@ -109,6 +109,10 @@ def test_greedy_reaches_model_wide_target(calib: torch.Tensor) -> None:
         plan = greedy_allocation(costs, target)
         assert model_sparsity(plan, costs.weight) == pytest.approx(target, abs=1e-9)
         assert all(0.0 <= s <= 0.8 + 1e-9 for s in plan.values())
+        per_block = greedy_allocation(costs, target, per_block=True)
+        for block in ("model.layers.0", "model.layers.1"):  # every block reaches the target on its own
+            mine = {f: s for f, s in per_block.items() if costs.block[f] == block}
+            assert len(mine) == 7 and model_sparsity(mine, costs.weight) == pytest.approx(target, abs=1e-9)
     assert hook_count(model) == 0
 
 

@@ -43,7 +43,8 @@ def test_measure_calibrate_eval(assets, capsys) -> None:
     saved = json.loads((out / "eval.json").read_text())
     assert saved["sparse"] == pytest.approx(plan["perplexity"]["sparse"], rel=1e-6)  # same thresholds, same text
 
-    assert main(args(assets, "eval", out, "--sparsities", "0.25,0.5", "--ppl-p", "5")) == 0
+    assert main(args(assets, "eval", out, "--sparsities", "0.25,0.5", "--ppl-p", "5", "--allocation",
+                     "greedy-block")) == 0
     curve = json.loads((out / "curve.json").read_text())
     assert [round(p["sparsity"], 6) for p in curve["points"]] == [0.25, 0.5]
     assert 0.0 <= curve["ppl_p"]["sparsity"] < 0.9
@@ -53,7 +54,7 @@ def test_measure_calibrate_eval(assets, capsys) -> None:
 @pytest.mark.parametrize("extra,message", [
     (("--sparsity", "1.5"), "--sparsity must be in"),
     (("--method", "relu"), "use one of teal, wina"),
-    (("--allocation", "owl"), "use one of uniform, greedy"),
+    (("--allocation", "owl"), "use one of uniform, greedy, greedy-block"),
 ])
 def test_bad_input_messages(assets, tmp_path, capsys, extra, message) -> None:
     assert main(args(assets, "calibrate", tmp_path, *extra)) == 2

@@ -12,7 +12,7 @@ target is met exactly). Costs are computed once; any target then costs nothing m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ class LayerCosts:
     cost: dict[str, list[float]]
     weight: dict[str, int]
     method: str
+    block: dict[str, str] = field(default_factory=dict)  # fqn -> fqn of its block (for per-block allocation)
 
 
 def _block_error(block: nn.Module, calls: list[BlockCall], dense: list[torch.Tensor], device) -> float:
@@ -59,16 +60,17 @@ def layer_costs(model: nn.Module, windows: torch.Tensor, stats: dict[str, InputS
     specs = {s: calibrate({f: stats[f] for f in targets}, s, method) for s in levels[1:]}
     calls = capture_block_inputs(model, blocks[0], [{"input_ids": b} for b in windows.split(batch_size)], device)
     cost: dict[str, list[float]] = {}
+    owner: dict[str, str] = {}
     for i, block in enumerate(tqdm(blocks, desc="layer costs", disable=not progress, unit="block")):
         dense = [call.run(block, device).float().cpu() for call in calls]
         for fqn in [f for f in targets if f.startswith(f"{prefix}.{i}.")]:
-            cost[fqn] = [0.0]
+            cost[fqn], owner[fqn] = [0.0], f"{prefix}.{i}"
             for s in levels[1:]:
                 with attach(model, {fqn: specs[s][fqn]}):
                     cost[fqn].append(_block_error(block, calls, dense, device))
         propagate(block, calls, device)
     weight = {f: weight_2d(m).numel() for f, m in targets.items()}
-    return LayerCosts(tuple(levels), cost, weight, method)
+    return LayerCosts(tuple(levels), cost, weight, method, owner)
 
 
 def model_sparsity(plan: dict[str, float], weight: dict[str, int]) -> float:
@@ -76,8 +78,27 @@ def model_sparsity(plan: dict[str, float], weight: dict[str, int]) -> float:
     return sum(plan[f] * weight[f] for f in plan) / sum(weight[f] for f in plan)
 
 
-def greedy_allocation(costs: LayerCosts, target: float, max_sparsity: float | None = None) -> dict[str, float]:
-    """fqn -> sparsity with ``model_sparsity(plan) == target`` (up to float rounding), least added error first."""
+def greedy_allocation(costs: LayerCosts, target: float, max_sparsity: float | None = None,
+                      per_block: bool = False) -> dict[str, float]:
+    """fqn -> sparsity with ``model_sparsity(plan) == target`` (up to float rounding), least added error first.
+
+    ``per_block=True`` (TEAL's variant) runs the greedy inside each block with the block reaching the target itself:
+    errors are then only compared between layers of one block, whose outputs share one normalization.
+    """
+    if not per_block:
+        return _greedy(costs, target, max_sparsity)
+    if set(costs.block) != set(costs.cost):
+        raise ValueError("these layer costs carry no block of each layer; recompute them with layer_costs()")
+    plan: dict[str, float] = {}
+    for owner in dict.fromkeys(costs.block.values()):
+        fqns = [f for f, b in costs.block.items() if b == owner]
+        sub = LayerCosts(costs.levels, {f: costs.cost[f] for f in fqns}, {f: costs.weight[f] for f in fqns},
+                         costs.method, {f: owner for f in fqns})
+        plan.update(_greedy(sub, target, max_sparsity))
+    return plan
+
+
+def _greedy(costs: LayerCosts, target: float, max_sparsity: float | None) -> dict[str, float]:
     levels = [lv for lv in costs.levels if max_sparsity is None or lv <= max_sparsity]
     if not 0.0 <= target <= levels[-1]:
         raise ValueError(f"model-wide activation sparsity must be in [0, {levels[-1]}] (the largest level), got "

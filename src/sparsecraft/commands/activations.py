@@ -35,7 +35,7 @@ from sparsecraft.engine.blocks import weight_2d
 from sparsecraft.evaluate import perplexity
 from sparsecraft.models import context_length, load_model, parse_dtype
 
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "greedy-block")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--method", default="teal", help=f"threshold rule: {' | '.join(METHODS)} (default teal)")
     p.add_argument("--sparsity", type=float, default=0.5, help="calibrate: model-wide target in [0, 1)")
-    p.add_argument("--allocation", default="uniform", help="uniform | greedy (per-layer, least block error)")
+    p.add_argument("--allocation", default="uniform",
+                   help="uniform | greedy (per layer, least block error, model-wide) | greedy-block (the greedy "
+                        "inside each block, every block at the target)")
     p.add_argument("--cost-windows", type=int, default=2, dest="cost_windows",
                    help="greedy: calibration windows used for the layer costs (default 2)")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6", help="eval: comma-separated model-wide targets")
@@ -108,7 +110,7 @@ def plan_for(args: argparse.Namespace, model, calib, stats, target: float, costs
     if "costs" not in costs_cache:
         costs_cache["costs"] = layer_costs(model, calib[: args.cost_windows], stats, args.method,
                                            batch_size=args.batch_size)
-    return greedy_allocation(costs_cache["costs"], target)
+    return greedy_allocation(costs_cache["costs"], target, per_block=args.allocation == "greedy-block")
 
 
 def weights_of(model) -> dict[str, int]:

@@ -69,11 +69,11 @@ def test_everything_skipped_gives_bias_only() -> None:
 def test_kernel_split_over_threads_matches_reference() -> None:
     if load_colsparse() is None:
         pytest.skip("the AVX2 extension cannot be built on this machine (the reference is tested above)")
-    w, x, scale, bias = _case(129, 2048, torch.float32, seed=2)
+    w, x, scale, bias = _case(4100, 2048, torch.float32, seed=2)  # >= 2^21 kept weights per thread
     wt = transpose_weight(w)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)  # >= 64 kept inputs per thread: the kernel splits the inputs and adds partials
+        torch.set_num_threads(2)  # the kernel splits the kept inputs over 2 threads and adds the partials
         got = colsparse_linear(wt, x, scale, 0.5, bias)
     finally:
         torch.set_num_threads(before)

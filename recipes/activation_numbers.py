@@ -58,11 +58,12 @@ def main() -> None:
     torch.save({"cost": costs.cost, "weight": costs.weight, "levels": costs.levels}, args.out + ".costs.pt")
     log({"method": "layer_costs", "done": True})
     for s in targets:
-        plan = greedy_allocation(costs, s)
-        for method in ("teal", "wina"):
-            p = evaluate_plan(model, stats, plan, method, windows)
-            log({"method": f"greedy+{method}", "sparsity": s, "planned": p.sparsity, "realized": p.realized,
-                 "perplexity": p.perplexity, "plan_by_kind": by_kind(plan)})
+        for name, plan in (("greedy", greedy_allocation(costs, s)),
+                           ("greedy-block", greedy_allocation(costs, s, per_block=True))):
+            for method in ("teal", "wina") if name == "greedy" else ("teal",):
+                p = evaluate_plan(model, stats, plan, method, windows)
+                log({"method": f"{name}+{method}", "sparsity": s, "planned": p.sparsity, "realized": p.realized,
+                     "perplexity": p.perplexity, "plan_by_kind": by_kind(plan)})
     best, points = ppl_p_sparsity(model, stats, windows, 1.0, "teal", steps=6, dense_ppl=dense)
     log({"method": "ppl-1%", "rule": "teal uniform", "sparsity": best,
          "points": [[q.sparsity, q.perplexity] for q in points]})

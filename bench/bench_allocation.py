@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 OWL = {"M": 5.0, "lam": 0.08}  # the OWL paper's LLaMA settings, not tuned here
-SEARCH = {"generations": 8, "offspring": 4, "survivors": 1, "fitness_windows": 2, "fitness_tokens": 128}
+SEARCH = {"generations": 12, "offspring": 4, "survivors": 1, "fitness_windows": 2, "fitness_tokens": 128}
 # name, method, method options, pattern, sparsity, allocation, allocation options; in priority order. Workers take
 # the next unclaimed configuration (a claim is a file next to --out), so any number of workers share the list.
 DSNOT = {"max_iter": 10}

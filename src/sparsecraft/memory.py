@@ -51,5 +51,6 @@ class PeakMemory:
 
     @property
     def added_rss(self) -> int:
-        """Peak minus the resident size at entry: what the phase itself needed on top of the loaded model."""
+        """Peak minus the resident size at entry. The allocator keeps freed memory, so after an earlier phase (e.g. a
+        perplexity pass) this understates what the phase needs; ``peak_rss`` is the number to trust."""
         return self.peak_rss - self.start_rss

@@ -67,7 +67,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("bytes of pruned layers", _fmt_bytes(size["pruned_layers_dense"]), _fmt_bytes(size["pruned_layers_packed"])),
         ("prune time", "", f"{report['time_s']['prune']:.1f} s"),
         ("peak memory of the process (RSS)", "", _fmt_bytes(report["peak_memory_bytes"])),
-        ("memory added by pruning (RSS)", "", _fmt_bytes(report["prune_memory_bytes"]["added_rss"])),
+        ("peak memory while pruning (RSS)", "", _fmt_bytes(report["prune_memory_bytes"]["peak_rss"])),
     ]
 
 

@@ -130,8 +130,7 @@ def _prune_data_free(per_block: list[dict[str, nn.Module]], plan: dict[str, floa
     """Magnitude / random without calibration data: no reconstruction error is measured (reported as NaN)."""
     for targets in per_block:
         for fqn, module in targets.items():
-            collector = LayerCollector(module, fqn, (), "cpu")
-            collector.hessian = None  # no inputs seen
+            collector = LayerCollector(module, fqn, (), "cpu", hessian=False)  # no inputs, no Hessian
             keep, record = prune_layer(fqn, module, collector, method, plan[fqn], pattern, seed)
             result.masks[fqn], result.layers[fqn] = keep, record
     return result

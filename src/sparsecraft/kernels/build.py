@@ -40,27 +40,29 @@ def _ninja_on_path() -> None:
         pass
 
 
-@functools.cache  # the compiled module is process-wide by nature; cache the load, not any tensor state
-def load_kernels() -> ModuleType | None:
-    """The compiled kernel module, or None (with one warning) when it cannot be built here."""
+def build_extension(prefix: str, source: Path, what: str) -> ModuleType | None:
+    """Compile (or load the cached build of) one C++ source; None, with one warning naming ``what``, when the CPU
+    lacks AVX2/FMA or the build fails. The module name carries a hash of the source and flags, so an edited source
+    is rebuilt instead of loading a stale binary."""
     if not cpu_has_avx2():
-        warnings.warn("sparsecraft: this CPU has no AVX2/FMA; sparse layers use the slow plain-torch reference")
+        warnings.warn(f"sparsecraft: this CPU has no AVX2/FMA; {what} use the slow plain-torch reference")
         return None
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
     try:
         from torch.utils.cpp_extension import load
 
         _ninja_on_path()
-        return load(
-            name=f"sparsecraft_cpu_{digest}",
-            sources=[str(SOURCE)],
-            extra_cflags=FLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return load(name=f"{prefix}_{digest}", sources=[str(source)], extra_cflags=FLAGS,
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # compiler missing, headers missing, ninja missing: all mean "no fast path"
         warnings.warn(
-            f"sparsecraft: could not build the AVX2 kernels ({type(err).__name__}: {str(err)[:200]}); "
+            f"sparsecraft: could not build the kernels for {what} ({type(err).__name__}: {str(err)[:200]}); "
             f"falling back to the slow plain-torch reference. help: install gcc/g++ and `pip install ninja`"
         )
         return None
+
+
+@functools.cache  # the compiled module is process-wide by nature; cache the load, not any tensor state
+def load_kernels() -> ModuleType | None:
+    """The compiled sparse-weight kernel module, or None when it cannot be built here."""
+    return build_extension("sparsecraft_cpu", SOURCE, "sparse layers")

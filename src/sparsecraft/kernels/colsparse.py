@@ -8,15 +8,13 @@ plain-torch reference and the fallback: it masks x and multiplies densely.
 from __future__ import annotations
 
 import functools
-import hashlib
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-from sparsecraft.kernels.build import FLAGS, _ninja_on_path, cpu_has_avx2
+from sparsecraft.kernels.build import build_extension
 
 SOURCE = Path(__file__).parent / "csrc" / "colsparse_cpu.cpp"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -25,21 +23,8 @@ _NO_SCALE = torch.empty(0)  # the kernel reads an empty scale as "all ones"
 
 @functools.cache  # one compiled module per process, like kernels.build.load_kernels
 def load_colsparse() -> ModuleType | None:
-    """The compiled kernel module, or None (with one warning) when it cannot be built here."""
-    if not cpu_has_avx2():
-        warnings.warn("sparsecraft: this CPU has no AVX2/FMA; activation-sparse products use the torch reference")
-        return None
-    digest = hashlib.sha1(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
-    try:
-        from torch.utils.cpp_extension import load
-
-        _ninja_on_path()
-        return load(name=f"sparsecraft_colsparse_{digest}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as err:  # no compiler / headers / ninja: no fast path, same results
-        warnings.warn(f"sparsecraft: could not build the activation-sparse kernel ({type(err).__name__}: "
-                      f"{str(err)[:200]}); using the torch reference. help: install g++ and `pip install ninja`")
-        return None
+    """The compiled activation-sparse kernel module, or None when it cannot be built here."""
+    return build_extension("sparsecraft_colsparse", SOURCE, "activation-sparse products")
 
 
 def transpose_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from sparsecraft.kernels.measure import read_bandwidth, tensor_bytes, time_inter
 from sparsecraft.patterns import topk_mask
 from sparsecraft.sparse_linear import SparseLinear
 
-CASES = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "70%": ("unstructured", 0.7), "90%": ("unstructured", 0.9)}
+CASES = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "70%": ("unstructured", 0.7), "80%": ("unstructured", 0.8),
+         "90%": ("unstructured", 0.9)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

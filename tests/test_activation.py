@@ -170,3 +170,17 @@ def test_composes_with_weight_pruning(calib: torch.Tensor) -> None:
     assert not torch.equal(both, pruned) and min(realized.values()) > 0.3
     assert all(torch.equal(model.get_submodule(f).weight, w) for f, w in weights.items())
     assert all(torch.equal(specs[f].scale, weights[f].float().norm(dim=0)) for f in weights)
+
+    from sparsecraft.activation.fast import ThresholdedLinear, restore_linears_, swap_linears_
+
+    with torch.no_grad(), attach(model, specs):
+        one = model(input_ids=calib[:1, :1]).logits  # one token: the joint kernel after the swap
+    swapped = swap_linears_(model, specs, result.masks)
+    assert all(m.pruned for f, m in swapped.items() if f in result.masks) and not hasattr(swapped[next(iter(swapped))], "wt")
+    assert sum(m.values_t.numel() - 8 for m in swapped.values()) == sum(int(k.sum()) for k in result.masks.values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=calib).logits, both, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(input_ids=calib[:1, :1]).logits, one, rtol=1e-4, atol=1e-4)
+    assert isinstance(model.get_submodule(next(iter(result.masks))), ThresholdedLinear)
+    restore_linears_(model)
+    assert all(torch.equal(model.get_submodule(f).weight, w) for f, w in weights.items())

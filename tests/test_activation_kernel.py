@@ -78,3 +78,26 @@ def test_kernel_split_over_threads_matches_reference() -> None:
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, colsparse_linear_ref(wt, x, scale, 0.5, bias), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("out,inp", SHAPES)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wsparsity", [0.0, 0.5, 0.9])
+def test_pruned_kernel_matches_reference(out: int, inp: int, wdtype: torch.dtype, wsparsity: float) -> None:
+    """Weight + activation sparsity: the bitmask-packed W.T kernel against masked dense by reference."""
+    if load_colsparse() is None:
+        pytest.skip("the AVX2 extension cannot be built on this machine (the reference is tested above)")
+    from sparsecraft.kernels.colsparse import colsparse_bitmask_linear, transposed_bitmask
+    from sparsecraft.patterns import topk_mask
+
+    w, x, scale, bias = _case(out, inp, wdtype, seed=1)
+    keep = topk_mask(w.float().abs(), wsparsity, "unstructured")
+    w = torch.where(keep, w, torch.zeros((), dtype=wdtype))
+    layout_t = transposed_bitmask(w, keep)
+    for s, b, threshold in ((None, None, 0.0), (scale, bias, 0.67), (scale, None, 1e9)):
+        got = colsparse_bitmask_linear(layout_t, x, s, threshold, b)
+        want = colsparse_linear_ref(transpose_weight(w), x, s, threshold, b)
+        assert got.shape == (out,) and got.dtype == x.dtype
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * inp**0.5)
+        plain = colsparse_bitmask_linear(layout_t, x, s, threshold, b, use_kernel=False)
+        torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5 * inp**0.5)

@@ -111,10 +111,17 @@ def test_random_sparsity_does_not_use_the_zero_byte_branch():
 def test_prefill_tiles_match_reference(dtype, kind, monkeypatch):
     import sparsecraft.kernels as k
 
-    monkeypatch.setattr(k, "PREFILL_TILE_ROWS", 16)  # several tiles, the last one partial
     w, keep = _case(37, 200, dtype, "unstructured", 0.6)
     layout = make_layout(w, keep, kind)
-    x, bias = torch.randn(40, 200).to(dtype), torch.randn(37).to(dtype)
-    torch.testing.assert_close(k.dense_tiles_linear(layout, x, bias), sparse_linear_ref(layout, x, bias), **TOL[dtype])
+    bias = torch.randn(37).to(dtype)
+    for tile_rows in (16, 24, 37):  # several tiles through one reused buffer, the last one partial; one tile
+        monkeypatch.setattr(k, "PREFILL_TILE_BYTES", tile_rows * 256 * 4)  # 200 columns are padded to 256
+        for tokens in (1, 40):
+            x = torch.randn(tokens, 200).to(dtype)
+            got, want = k.dense_tiles_linear(layout, x, bias), sparse_linear_ref(layout, x, bias)
+            torch.testing.assert_close(got, want, **TOL[dtype])
+            assert got.is_contiguous() and got.dtype == dtype
+    buffer = torch.full((25 * 256,), float("nan"))
+    assert torch.equal(expand_dense(layout, rows=(5, 30), dtype=torch.float32, out=buffer), w[5:30].float())
     assert torch.equal(expand_dense(layout, rows=(5, 30)), w[5:30])
     assert torch.equal(expand_dense(layout, rows=(5, 30), dtype=torch.float32), w[5:30].float())

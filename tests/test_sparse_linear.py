@@ -32,7 +32,7 @@ def test_from_dense_to_dense_is_exact_and_forward_matches(pattern, sparsity, dty
     back = sparse.to_dense()
     assert torch.equal(back.weight, torch.where(keep, lin.weight, torch.zeros((), dtype=dtype)))
     assert torch.equal(back.bias, lin.bias) and torch.equal(sparse.keep(), keep)
-    for tokens in [1, 3, 8, DENSE_MIN_TOKENS[torch.float32] + 5, DENSE_MIN_TOKENS[torch.bfloat16] + 1]:
+    for tokens in [1, 3, 8, 13, 29, 70]:  # 29 and 70 cross both bitmask prefill thresholds, 13 two token groups
         x = torch.randn(tokens, 96).to(dtype)
         torch.testing.assert_close(sparse(x), back(x).to(dtype), **TOL[dtype])
     x3 = torch.randn(2, 3, 96).to(dtype)  # (batch, seq, in)
@@ -41,13 +41,21 @@ def test_from_dense_to_dense_is_exact_and_forward_matches(pattern, sparsity, dty
 
 def test_prefill_rule_and_both_paths_agree():
     fp32, bf16 = torch.float32, torch.bfloat16
-    assert not use_dense_path(1, fp32) and not use_dense_path(DENSE_MIN_TOKENS[fp32] - 1, fp32)
-    assert use_dense_path(DENSE_MIN_TOKENS[fp32], fp32) and use_dense_path(512, fp32)
-    assert not use_dense_path(128, bf16) and use_dense_path(DENSE_MIN_TOKENS[bf16], bf16)  # torch's bf16 GEMM is slow here
-    assert use_dense_path(5, fp32, dense_min_tokens=5) and not use_dense_path(4, fp32, dense_min_tokens=5)
+    start = DENSE_MIN_TOKENS[("bitmask", fp32)]
+    assert not use_dense_path(1, "bitmask", fp32) and not use_dense_path(start - 1, "bitmask", fp32)
+    assert use_dense_path(start, "bitmask", fp32) and use_dense_path(4096, "bitmask", fp32)
+    bf16_start = DENSE_MIN_TOKENS[("bitmask", bf16)]
+    assert bf16_start > start and not use_dense_path(bf16_start - 1, "bitmask", bf16)  # torch's bf16 GEMM is slow here
+    assert use_dense_path(bf16_start, "bitmask", bf16)
+    assert not use_dense_path(10**6, "csr", fp32) and not use_dense_path(10**6, "csr", bf16)  # CSR never falls back
+    assert use_dense_path(5, "csr", fp32, dense_min_tokens=5) and not use_dense_path(4, "bitmask", fp32, dense_min_tokens=5)
+    very_sparse = SparseLinear.from_dense(_linear(64, 32, fp32), topk_mask(torch.rand(32, 64), 0.9, "unstructured"))
+    assert very_sparse.kind == "csr" and very_sparse.dense_from_tokens() is None
+    assert "prefill=kernel at any length" in repr(very_sparse)
     lin = _linear(64, 32, torch.float32, bias=False)
     sparse = SparseLinear.from_dense(lin, topk_mask(lin.weight.abs(), 0.7, "unstructured"))
-    x = torch.randn(DENSE_MIN_TOKENS[fp32], 64)
+    assert f"prefill=dense tiles from {start} tokens" in repr(sparse)
+    x = torch.randn(start, 64)
     calls = []
     import sparsecraft.sparse_linear as sl
 

@@ -2,9 +2,9 @@
 
 - ``SparseLinear.from_dense(linear, keep, pattern)`` packs a pruned ``nn.Linear``; ``to_dense()`` gives it back
   exactly (pruned weights are 0).
-- Decode (few tokens): the sparse kernel. Prefill (many tokens): the weight is expanded to dense on the fly and
-  the dense GEMM runs, because at many tokens the product is compute bound and the dense GEMM wins (the threshold
-  is measured per dtype, see ``DENSE_MIN_TOKENS`` and docs/kernels.md).
+- Decode (few tokens): the sparse kernel. Prefill (many tokens): where the kernel loses to dense, the weight is
+  expanded to dense tiles on the fly and the dense GEMM runs (the rule is measured per layout and dtype, see
+  ``DENSE_MIN_TOKENS``, ``SparseLinear.dense_from_tokens`` and docs/kernels.md; ``sparsecraft bench`` prints it per layer).
 - ``sparsify_model_(model, masks, pattern)`` swaps every masked Linear; ``save_packed_model`` /
   ``load_packed_model_`` write and read the packed model as one safetensors file, bit-exactly.
 """
@@ -24,17 +24,25 @@ from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, layout_
 from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 
 # From this many tokens per call on, run fp32 dense GEMMs on weight tiles expanded on the fly; below it, the sparse
-# kernel. Measured on the 2-core AVX2 EPYC (bench/bench_kernels.py --prefill, 4096x4096): fp32 at 50% the kernel
-# beats dense up to about 48 tokens; bf16 the kernel beats torch's bf16 GEMM (no AVX512-BF16 here) up to 128+.
-DENSE_MIN_TOKENS = {torch.float32: 64, torch.bfloat16: 256}
-DEFAULT_DENSE_MIN_TOKENS = 64  # other dtypes (their kernel path is the plain-torch reference)
+# kernel. Keyed by (layout kind, weight dtype); None = the kernel at any token count. Measured on the 2-core AVX2
+# EPYC, idle, same run (bench/bench_kernels.py --prefill, 4096x4096, docs/kernels.md): fp32 bitmask kernels beat
+# dense up to 16-24 tokens and the expanded tiles beat or match dense from 24 on; bf16 bitmask kernels beat
+# torch's bf16 GEMM (no AVX512-BF16 here) at every size but the fp32 tiles beat them from 32-64 tokens; CSR
+# (>= 80% sparse) kernels read the weight once per call whatever the tokens and beat dense at every size measured.
+DENSE_MIN_TOKENS: dict[tuple[str, torch.dtype], int | None] = {
+    ("bitmask", torch.float32): 24,
+    ("bitmask", torch.bfloat16): 64,
+    ("csr", torch.float32): None,
+    ("csr", torch.bfloat16): None,
+}
+DEFAULT_DENSE_MIN_TOKENS = 24  # other dtypes (their kernel path is the plain-torch reference)
 
 
-def use_dense_path(tokens: int, dtype: torch.dtype, dense_min_tokens: int | None = None) -> bool:
-    """The prefill rule: True when a call with ``tokens`` rows on ``dtype`` weights should run dense GEMMs.
-    ``dense_min_tokens`` overrides the measured per-dtype threshold."""
-    threshold = dense_min_tokens or DENSE_MIN_TOKENS.get(dtype, DEFAULT_DENSE_MIN_TOKENS)
-    return tokens >= threshold
+def use_dense_path(tokens: int, kind: str, dtype: torch.dtype, dense_min_tokens: int | None = None) -> bool:
+    """The prefill rule: True when a call with ``tokens`` rows on a ``kind`` layout ("bitmask" | "csr") of
+    ``dtype`` weights should run dense GEMMs on expanded tiles. ``dense_min_tokens`` overrides the measured rule."""
+    threshold = dense_min_tokens or DENSE_MIN_TOKENS.get((kind, dtype), DEFAULT_DENSE_MIN_TOKENS)
+    return threshold is not None and tokens >= threshold
 
 
 class SparseLinear(nn.Module):
@@ -114,15 +122,23 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out). Kept lean: at decode a SmolLM2 layer takes tens of microseconds.
-        if use_dense_path(x.numel() // self.in_features, self.values.dtype, self.dense_min_tokens):
+        if use_dense_path(x.numel() // self.in_features, self.kind, self.values.dtype, self.dense_min_tokens):
             y = dense_tiles_linear(self.layout, x.reshape(-1, self.in_features), self.bias, self.use_kernel)
             return y.reshape(*x.shape[:-1], self.out_features)
         return sparse_linear(self.layout, x, self.bias, self.use_kernel)
 
+    def dense_from_tokens(self) -> int | None:
+        """The smallest tokens-per-call that runs dense tiles instead of the kernel (None: never)."""
+        if self.dense_min_tokens:
+            return self.dense_min_tokens
+        return DENSE_MIN_TOKENS.get((self.kind, self.values.dtype), DEFAULT_DENSE_MIN_TOKENS)
+
     def extra_repr(self) -> str:
+        start = self.dense_from_tokens()
+        prefill = "kernel at any length" if start is None else f"dense tiles from {start} tokens"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
-            f"layout={self.kind}, bias={self.bias is not None}"
+            f"layout={self.kind}, bias={self.bias is not None}, prefill={prefill}"
         )
 
 

@@ -4,6 +4,9 @@ AVX2 kernel (kernels/colsparse.py) reads only the columns whose input survives t
 The hook path of thresholds.py changes the numbers but not the speed (the dense product still reads every column);
 this module swap changes the speed and gives the same numbers up to fp32 summation order. Several tokens at once
 (prefill) run the masked dense product. ``restore_linears_`` swaps the original layout back, bit-exactly.
+
+A pruned layer (``keep`` mask given) is held as the bitmask layout of W.T instead, so weight and activation
+sparsity compound: a skipped input skips its column, a kept input reads only the column's kept weights.
 """
 
 from __future__ import annotations
@@ -12,32 +15,61 @@ import torch
 from torch import nn
 
 from sparsecraft.activation.thresholds import ThresholdSpec
-from sparsecraft.kernels.colsparse import colsparse_linear, colsparse_linear_ref, transpose_weight
+from sparsecraft.kernels.colsparse import (
+    colsparse_bitmask_linear,
+    colsparse_linear,
+    colsparse_linear_ref,
+    transpose_weight,
+    transposed_bitmask,
+)
+from sparsecraft.kernels.layout import BitmaskLayout, layout_to_dense
 
 
 class ThresholdedLinear(nn.Module):
-    """y = W (x where |x| * scale > threshold) + b with W stored as wt (in, out). Buffers: wt, threshold, scale."""
+    """y = W (x where |x| * scale > threshold) + b. Buffers: threshold, scale, bias, and the weight: wt (in, out)
+    dense, or for a pruned layer (``keep`` given) the bitmask layout of W.T: mask_t, values_t, row_ptr_t."""
 
-    def __init__(self, linear: nn.Linear, spec: ThresholdSpec) -> None:
+    def __init__(self, linear: nn.Linear, spec: ThresholdSpec, keep: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("wt", transpose_weight(linear.weight))  # (in, out)
+        self.pruned = keep is not None
+        if keep is None:
+            self.register_buffer("wt", transpose_weight(linear.weight))  # (in, out)
+        else:
+            if keep.shape != linear.weight.shape or keep.dtype != torch.bool:
+                raise ValueError(f"keep must be a torch.bool mask shaped like the weight {tuple(linear.weight.shape)}, "
+                                 f"got {keep.dtype} {tuple(keep.shape)}")
+            layout = transposed_bitmask(linear.weight.detach().cpu(), keep.cpu())
+            self.register_buffer("mask_t", layout.mask)
+            self.register_buffer("values_t", layout.values)
+            self.register_buffer("row_ptr_t", layout.row_ptr)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.register_buffer("threshold", torch.tensor(float(spec.threshold), dtype=torch.float32))
         self.register_buffer("scale", spec.scale.detach().float().clone())
         self.use_kernel = True
 
+    def layout_t(self) -> BitmaskLayout:
+        return BitmaskLayout(self.mask_t, self.values_t, self.row_ptr_t, self.out_features, False)
+
+    def weight_t(self) -> torch.Tensor:
+        """The exact weight, transposed (in, out); zeros where pruned."""
+        return layout_to_dense(self.layout_t()) if self.pruned else self.wt
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = float(self.threshold)
-        if x.numel() == self.in_features:  # one token: the column-skipping kernel
+        one_token = x.numel() == self.in_features  # the column-skipping kernels are batch-1 decode kernels
+        if self.pruned and one_token:
+            return colsparse_bitmask_linear(self.layout_t(), x, self.scale, t, self.bias, self.use_kernel)
+        if one_token:
             return colsparse_linear(self.wt, x, self.scale, t, self.bias, self.use_kernel)
-        return colsparse_linear_ref(self.wt, x, self.scale, t, self.bias)
+        return colsparse_linear_ref(self.weight_t(), x, self.scale, t, self.bias)
 
     def to_linear(self) -> nn.Linear:
+        weight_t = self.weight_t()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.wt.device, dtype=self.wt.dtype)
+                        device=weight_t.device, dtype=weight_t.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.wt.t())
+            lin.weight.copy_(weight_t.t())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
@@ -48,15 +80,18 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def swap_linears_(model: nn.Module, specs: dict[str, ThresholdSpec]) -> dict[str, ThresholdedLinear]:
-    """Replace each nn.Linear named in ``specs`` by a ThresholdedLinear, in place; returns the new modules."""
+def swap_linears_(model: nn.Module, specs: dict[str, ThresholdSpec],
+                  masks: dict[str, torch.Tensor] | None = None) -> dict[str, ThresholdedLinear]:
+    """Replace each nn.Linear named in ``specs`` by a ThresholdedLinear, in place; returns the new modules. Layers
+    with a keep-mask in ``masks`` (fqn -> bool (out, in), e.g. PruneResult.masks) are packed as pruned."""
+    masks = masks or {}
     swapped = {}
     for fqn, spec in specs.items():
         linear = model.get_submodule(fqn)
         if type(linear) is not nn.Linear:
             raise ValueError(f"{fqn} is a {type(linear).__name__}, not an nn.Linear; the decode kernel swaps only "
                              f"nn.Linear layers (use attach() for thresholds on other layer types)")
-        swapped[fqn] = ThresholdedLinear(linear, spec)
+        swapped[fqn] = ThresholdedLinear(linear, spec, masks.get(fqn))
         _set(model, fqn, swapped[fqn])
     return swapped
 

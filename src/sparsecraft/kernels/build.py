@@ -42,12 +42,13 @@ def _ninja_on_path() -> None:
 
 def build_extension(prefix: str, source: Path, what: str) -> ModuleType | None:
     """Compile (or load the cached build of) one C++ source; None, with one warning naming ``what``, when the CPU
-    lacks AVX2/FMA or the build fails. The module name carries a hash of the source and flags, so an edited source
-    is rebuilt instead of loading a stale binary."""
+    lacks AVX2/FMA or the build fails. The module name carries a hash of the source, the shared headers and the
+    flags, so an edited source is rebuilt instead of loading a stale binary."""
     if not cpu_has_avx2():
         warnings.warn(f"sparsecraft: this CPU has no AVX2/FMA; {what} use the slow plain-torch reference")
         return None
-    digest = hashlib.sha1(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:10]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # csrc/expand.h is shared
+    digest = hashlib.sha1(source.read_bytes() + headers + " ".join(FLAGS).encode()).hexdigest()[:10]
     try:
         from torch.utils.cpp_extension import load
 

@@ -3,6 +3,10 @@
 The weight is kept transposed, ``wt = W.T.contiguous()`` (in, out), so the column W[:, j] is one contiguous row of
 ``wt``; the AVX2 kernel (csrc/colsparse_cpu.cpp) reads density * dense bytes. ``colsparse_linear_ref`` is the
 plain-torch reference and the fallback: it masks x and multiplies densely.
+
+A pruned weight can be both: ``colsparse_bitmask_linear`` takes the bitmask layout of W.T (kernels/layout.py), so a
+skipped input skips its column and a kept input reads only the column's kept weights (bytes read: activation
+density x (weight density x itemsize + 1/8) per weight).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsecraft.kernels.build import build_extension
+from sparsecraft.kernels.layout import BitmaskLayout, bitmask_layout, layout_to_dense
 
 SOURCE = Path(__file__).parent / "csrc" / "colsparse_cpu.cpp"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -61,4 +66,27 @@ def colsparse_linear(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | No
     y = ext.colsparse_gemv(wt, _f32(x).view(-1), _NO_SCALE if scale is None else _f32(scale), float(threshold),
                            None if bias is None else _f32(bias))
     y = y.view(*x.shape[:-1], wt.shape[1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def transposed_bitmask(weight: torch.Tensor, keep: torch.Tensor) -> BitmaskLayout:
+    """Pruned weight (out, in) and its keep-mask -> the bitmask layout of W.T (rows = inputs, bits = outputs)."""
+    return bitmask_layout(weight.detach().t().contiguous(), keep.t().contiguous())
+
+
+def colsparse_bitmask_linear(layout_t: BitmaskLayout, x: torch.Tensor, scale: torch.Tensor | None = None,
+                             threshold: float = 0.0, bias: torch.Tensor | None = None,
+                             use_kernel: bool = True) -> torch.Tensor:
+    """x (..., in) -> (..., out) through a pruned weight held as ``transposed_bitmask``: the same numbers as
+    ``colsparse_linear_ref`` on the dense W.T; one token runs the AVX2 kernel when it can."""
+    in_features, out_features = layout_t.shape
+    ext = None
+    if use_kernel and x.numel() == in_features and layout_t.values.dtype in WEIGHT_DTYPES:
+        ext = load_colsparse()
+    if ext is None:
+        return colsparse_linear_ref(layout_to_dense(layout_t), x, scale, threshold, bias)
+    y = ext.colsparse_bitmask_gemv(layout_t.mask, layout_t.values, layout_t.row_ptr, out_features, _f32(x).view(-1),
+                                   _NO_SCALE if scale is None else _f32(scale), float(threshold),
+                                   None if bias is None else _f32(bias))
+    y = y.view(*x.shape[:-1], out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)

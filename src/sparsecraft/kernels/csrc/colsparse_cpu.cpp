@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "expand.h"
+
 namespace {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -101,7 +103,99 @@ void gemv(const V* wt, int64_t in, int64_t out, const float* x, const float* sca
   }
 }
 
+// Joint weight + activation sparsity: the transposed weight is bitmask-packed (row j = column W[:, j], one bit per
+// output, the kept values packed), so a skipped input skips its row and a kept input reads only its kept weights:
+// acc[0:words*64] += sum over k in [k0, k1) of xv[k] * expand(row idx[k]). Two inputs per pass over acc.
+template <typename V>
+void accumulate_bitmask(const uint64_t* mask, int64_t words, const V* vals, const int64_t* row_ptr,
+                        const int32_t* idx, const float* xv, int64_t k0, int64_t k1, float* acc) {
+  int64_t k = k0;
+  for (; k + 2 <= k1; k += 2) {
+    const uint8_t* m0 = (const uint8_t*)(mask + (int64_t)idx[k] * words);
+    const uint8_t* m1 = (const uint8_t*)(mask + (int64_t)idx[k + 1] * words);
+    const V* v0 = vals + row_ptr[idx[k]];
+    const V* v1 = vals + row_ptr[idx[k + 1]];
+    const __m256 x0 = _mm256_set1_ps(xv[k]), x1 = _mm256_set1_ps(xv[k + 1]);
+    for (int64_t c = 0; c < words * 8; ++c) {
+      const unsigned b0 = m0[c], b1 = m1[c];
+      __m256 a = _mm256_fmadd_ps(x0, expand(v0, b0), _mm256_loadu_ps(acc + 8 * c));
+      a = _mm256_fmadd_ps(x1, expand(v1, b1), a);
+      _mm256_storeu_ps(acc + 8 * c, a);
+      v0 += __builtin_popcount(b0);
+      v1 += __builtin_popcount(b1);
+    }
+  }
+  for (; k < k1; ++k) {
+    const uint8_t* m0 = (const uint8_t*)(mask + (int64_t)idx[k] * words);
+    const V* v0 = vals + row_ptr[idx[k]];
+    const __m256 x0 = _mm256_set1_ps(xv[k]);
+    for (int64_t c = 0; c < words * 8; ++c) {
+      const unsigned b0 = m0[c];
+      _mm256_storeu_ps(acc + 8 * c, _mm256_fmadd_ps(x0, expand(v0, b0), _mm256_loadu_ps(acc + 8 * c)));
+      v0 += __builtin_popcount(b0);
+    }
+  }
+}
+
+template <typename V>
+void gemv_bitmask(const uint64_t* mask, int64_t in, int64_t words, int64_t out, const V* vals, const int64_t* row_ptr,
+                  int64_t nnz_w, const float* x, const float* scale, float threshold, const float* bias, float* y) {
+  std::vector<int32_t> idx(in);
+  std::vector<float> xv(in);
+  const int64_t nnz = select(x, scale, in, threshold, idx.data(), xv.data());
+  // Same thread rule as gemv, counted in kept weights actually read.
+  const int64_t read = in ? nnz_w * nnz / in : 0;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), read >> 21));
+  const int64_t width = words * 64;
+  std::vector<float> partial(parts * width, 0.0f);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      accumulate_bitmask(mask, words, vals, row_ptr, idx.data(), xv.data(), nnz * p / parts, nnz * (p + 1) / parts,
+                         partial.data() + p * width);
+  });
+  for (int64_t o = 0; o < out; ++o) {
+    float s = bias ? bias[o] : 0.0f;
+    for (int64_t p = 0; p < parts; ++p) s += partial[p * width + o];
+    y[o] = s;
+  }
+}
+
 }  // namespace
+
+// The bitmask layout of W.T: mask int64 (in, words) with bit o of row j = W[o, j] kept, values (nnz + 8,) fp32 or
+// bf16 packed row-major then 8 zeros, row_ptr int64 (in + 1,); out = W's rows; x, scale, bias as colsparse_gemv.
+torch::Tensor colsparse_bitmask_gemv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, int64_t out,
+                                     torch::Tensor x, torch::Tensor scale, double threshold,
+                                     c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(mask.dim() == 2 && mask.is_contiguous() && mask.scalar_type() == torch::kLong, "mask must be int64 (in, words)");
+  TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16),
+              "values must be contiguous fp32 or bf16");
+  TORCH_CHECK(row_ptr.is_contiguous() && row_ptr.scalar_type() == torch::kLong && row_ptr.numel() == mask.size(0) + 1,
+              "row_ptr must be int64 (in + 1,)");
+  const int64_t in = mask.size(0), words = mask.size(1);
+  TORCH_CHECK(out <= words * 64, "out larger than the mask rows");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == in, "x must be fp32 (in,)");
+  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat && scale.is_contiguous() &&
+                                     scale.numel() == in), "scale must be empty or fp32 (in,)");
+  const float* ps = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  const float* pb = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == out,
+                "bias must be fp32 (out,)");
+    pb = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({out}, x.options());
+  const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t nnz_w = rp[in];
+  if (values.scalar_type() == torch::kBFloat16)
+    gemv_bitmask(m, in, words, out, (const uint16_t*)values.data_ptr(), rp, nnz_w, x.data_ptr<float>(), ps,
+                 (float)threshold, pb, y.data_ptr<float>());
+  else
+    gemv_bitmask(m, in, words, out, values.data_ptr<float>(), rp, nnz_w, x.data_ptr<float>(), ps, (float)threshold, pb,
+                 y.data_ptr<float>());
+  return y;
+}
 
 // wt (in, out) fp32 or bf16, contiguous; x (in,) fp32; scale (in,) fp32 or empty; bias (out,) fp32 or None.
 // -> y (out,) fp32 = W @ (x where |x| * scale > threshold, else 0) + bias.
@@ -130,4 +224,6 @@ torch::Tensor colsparse_gemv(torch::Tensor wt, torch::Tensor x, torch::Tensor sc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("colsparse_gemv", &colsparse_gemv, "activation-sparse GEMV over a transposed weight (AVX2)");
+  mod.def("colsparse_bitmask_gemv", &colsparse_bitmask_gemv,
+          "activation-sparse GEMV over a bitmask-packed transposed weight (weight + activation sparsity, AVX2)");
 }

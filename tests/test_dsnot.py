@@ -39,6 +39,25 @@ def test_refinement_lowers_every_row_error_and_keeps_counts_and_pattern(base, pa
     assert reconstruction_error(W, w1, stats.hessian) < reconstruction_error(W, w0, stats.hessian)
 
 
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.6), ("2:4", None)])
+def test_damped_swaps_still_never_raise_the_undamped_error(pattern, sparsity):
+    W, stats = correlated_layer(2, cols=64)
+    X = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))  # 16 tokens for 64 inputs: H is rank-deficient
+    stats = LayerStats(sqnorm=X.pow(2).mean(0), hessian=2 * X.T @ X / 16)
+    p = parse_pattern(pattern)
+    s = p.sparsity if sparsity is None else sparsity
+    w0, k0 = get_method("sparsegpt").prune(W, stats, s, p, torch.Generator())
+    plain = dsnot_refine(W, w0, k0, stats.hessian, p)
+    damped = dsnot_refine(W, w0, k0, stats.hessian, p, dampening=0.1)
+    e0 = row_errors(W, w0, stats.hessian)
+    for w1, k1 in (plain, damped):
+        assert bool((row_errors(W, w1, stats.hessian) <= e0).all()) and satisfies(k1, p)
+        assert torch.equal(k1.sum(1), k0.sum(1))
+    assert not torch.equal(plain[0], damped[0])  # the ridge changes the grown values
+    with pytest.raises(ValueError, match="dampening"):
+        dsnot_refine(W, w0, k0, stats.hessian, p, dampening=-1.0)
+
+
 def test_zero_iterations_change_nothing_and_the_input_is_not_mutated():
     W, stats = correlated_layer(1)
     w0, k0 = get_method("wanda").prune(W, stats, 0.5, parse_pattern("unstructured"), torch.Generator())

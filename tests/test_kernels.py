@@ -88,6 +88,7 @@ def test_csr_handles_columns_above_32767():
     w, keep = _case(2, 40000, torch.float32, "unstructured", 0.95)
     layout = make_layout(w, keep, "csr")
     assert layout.col.dtype == torch.int16 and torch.equal(layout_to_dense(layout), w)
+    assert torch.equal(expand_dense(layout), w) and torch.equal(expand_dense(layout, dtype=torch.float32), w)
     x = torch.randn(1, 40000)
     torch.testing.assert_close(sparse_linear(layout, x), sparse_linear_ref(layout, x), rtol=1e-4, atol=1e-4)
 
@@ -115,8 +116,9 @@ def test_prefill_tiles_match_reference(dtype, kind, monkeypatch):
     layout = make_layout(w, keep, kind)
     bias = torch.randn(37).to(dtype)
     for tile_rows in (16, 24, 37):  # several tiles through one reused buffer, the last one partial; one tile
+        # (520 tokens: tiles twice as big)
         monkeypatch.setattr(k, "PREFILL_TILE_BYTES", tile_rows * 256 * 4)  # 200 columns are padded to 256
-        for tokens in (1, 40):
+        for tokens in (1, 40, 520):
             x = torch.randn(tokens, 200).to(dtype)
             got, want = k.dense_tiles_linear(layout, x, bias), sparse_linear_ref(layout, x, bias)
             torch.testing.assert_close(got, want, **TOL[dtype])

@@ -47,11 +47,15 @@ def test_prefill_rule_and_both_paths_agree():
     bf16_start = DENSE_MIN_TOKENS[("bitmask", bf16)]
     assert bf16_start > start and not use_dense_path(bf16_start - 1, "bitmask", bf16)  # torch's bf16 GEMM is slow here
     assert use_dense_path(bf16_start, "bitmask", bf16)
-    assert not use_dense_path(10**6, "csr", fp32) and not use_dense_path(10**6, "csr", bf16)  # CSR never falls back
-    assert use_dense_path(5, "csr", fp32, dense_min_tokens=5) and not use_dense_path(4, "bitmask", fp32, dense_min_tokens=5)
+    csr_start = DENSE_MIN_TOKENS[("csr", fp32)]
+    assert not use_dense_path(csr_start - 1, "csr", fp32, 0.8) and use_dense_path(csr_start, "csr", bf16, 0.85)
+    assert not use_dense_path(10**6, "csr", fp32, 0.9) and not use_dense_path(10**6, "csr", bf16, 0.95)  # never
+    assert use_dense_path(5, "csr", fp32, 0.9, dense_min_tokens=5) and not use_dense_path(4, "bitmask", fp32, 0.5, 5)
     very_sparse = SparseLinear.from_dense(_linear(64, 32, fp32), topk_mask(torch.rand(32, 64), 0.9, "unstructured"))
-    assert very_sparse.kind == "csr" and very_sparse.dense_from_tokens() is None
+    assert very_sparse.kind == "csr" and very_sparse.sparsity == 1 - 205 / 2048 and very_sparse.dense_from_tokens() is None
     assert "prefill=kernel at any length" in repr(very_sparse)
+    sparse80 = SparseLinear.from_dense(_linear(64, 32, fp32), topk_mask(torch.rand(32, 64), 0.85, "unstructured"))
+    assert sparse80.kind == "csr" and sparse80.dense_from_tokens() == csr_start
     lin = _linear(64, 32, torch.float32, bias=False)
     sparse = SparseLinear.from_dense(lin, topk_mask(lin.weight.abs(), 0.7, "unstructured"))
     assert f"prefill=dense tiles from {start} tokens" in repr(sparse)

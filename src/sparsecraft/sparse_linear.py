@@ -24,24 +24,35 @@ from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, layout_
 from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 
 # From this many tokens per call on, run fp32 dense GEMMs on weight tiles expanded on the fly; below it, the sparse
-# kernel. Keyed by (layout kind, weight dtype); None = the kernel at any token count. Measured on the 2-core AVX2
-# EPYC, idle, same run (bench/bench_kernels.py --prefill, 4096x4096, docs/kernels.md): fp32 bitmask kernels beat
-# dense up to 16-24 tokens and the expanded tiles beat or match dense from 24 on; bf16 bitmask kernels beat
-# torch's bf16 GEMM (no AVX512-BF16 here) at every size but the fp32 tiles beat them from 32-64 tokens; CSR
-# (>= 80% sparse) kernels read the weight once per call whatever the tokens and beat dense at every size measured.
-DENSE_MIN_TOKENS: dict[tuple[str, torch.dtype], int | None] = {
-    ("bitmask", torch.float32): 24,
+# kernel. Keyed by (layout kind, weight dtype). Measured on the 2-core AVX2 EPYC, same run (bench/bench_kernels.py
+# --prefill, 4096x4096, docs/kernels.md): fp32 bitmask kernels beat dense up to 24-32 tokens and the expanded tiles
+# match or beat dense from there; bf16 bitmask kernels beat torch's bf16 GEMM (no AVX512-BF16 here) at every size,
+# the fp32 tiles beat them from 32-64 tokens; CSR kernels at 80% lose to dense from about 512 tokens.
+DENSE_MIN_TOKENS: dict[tuple[str, torch.dtype], int] = {
+    ("bitmask", torch.float32): 32,
     ("bitmask", torch.bfloat16): 64,
-    ("csr", torch.float32): None,
-    ("csr", torch.bfloat16): None,
+    ("csr", torch.float32): 256,
+    ("csr", torch.bfloat16): 256,
 }
-DEFAULT_DENSE_MIN_TOKENS = 24  # other dtypes (their kernel path is the plain-torch reference)
+DEFAULT_DENSE_MIN_TOKENS = 32  # other dtypes (their kernel path is the plain-torch reference)
+# From this sparsity on, a CSR layer runs its kernel at any length: it reads the weight once per call and does a
+# tenth of the dense work (measured 1.6x of dense at 2048 tokens at 90%).
+CSR_KERNEL_ONLY_SPARSITY = 0.895  # 90%, less a rounding margin: 90% of an odd count keeps one weight more
 
 
-def use_dense_path(tokens: int, kind: str, dtype: torch.dtype, dense_min_tokens: int | None = None) -> bool:
-    """The prefill rule: True when a call with ``tokens`` rows on a ``kind`` layout ("bitmask" | "csr") of
-    ``dtype`` weights should run dense GEMMs on expanded tiles. ``dense_min_tokens`` overrides the measured rule."""
-    threshold = dense_min_tokens or DENSE_MIN_TOKENS.get((kind, dtype), DEFAULT_DENSE_MIN_TOKENS)
+def dense_min_tokens_for(kind: str, dtype: torch.dtype, sparsity: float) -> int | None:
+    """The measured prefill threshold of a ``kind`` layout ("bitmask" | "csr") of ``dtype`` weights at
+    ``sparsity``; None = the kernel at any token count."""
+    if kind == "csr" and sparsity >= CSR_KERNEL_ONLY_SPARSITY:
+        return None
+    return DENSE_MIN_TOKENS.get((kind, dtype), DEFAULT_DENSE_MIN_TOKENS)
+
+
+def use_dense_path(tokens: int, kind: str, dtype: torch.dtype, sparsity: float = 0.0,
+                   dense_min_tokens: int | None = None) -> bool:
+    """The prefill rule: True when a call with ``tokens`` rows should run dense GEMMs on expanded tiles.
+    ``dense_min_tokens`` overrides the measured rule."""
+    threshold = dense_min_tokens or dense_min_tokens_for(kind, dtype, sparsity)
     return threshold is not None and tokens >= threshold
 
 
@@ -62,6 +73,7 @@ class SparseLinear(nn.Module):
             self.register_buffer("mask", layout.mask)
         self.register_buffer("values", layout.values)
         self.register_buffer("row_ptr", layout.row_ptr)
+        self.sparsity = 1.0 - int(layout.row_ptr[-1]) / max(1, self.in_features * self.out_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._layout: Layout | None = None
 
@@ -122,16 +134,15 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out). Kept lean: at decode a SmolLM2 layer takes tens of microseconds.
-        if use_dense_path(x.numel() // self.in_features, self.kind, self.values.dtype, self.dense_min_tokens):
+        if use_dense_path(x.numel() // self.in_features, self.kind, self.values.dtype, self.sparsity,
+                          self.dense_min_tokens):
             y = dense_tiles_linear(self.layout, x.reshape(-1, self.in_features), self.bias, self.use_kernel)
             return y.reshape(*x.shape[:-1], self.out_features)
         return sparse_linear(self.layout, x, self.bias, self.use_kernel)
 
     def dense_from_tokens(self) -> int | None:
         """The smallest tokens-per-call that runs dense tiles instead of the kernel (None: never)."""
-        if self.dense_min_tokens:
-            return self.dense_min_tokens
-        return DENSE_MIN_TOKENS.get((self.kind, self.values.dtype), DEFAULT_DENSE_MIN_TOKENS)
+        return self.dense_min_tokens or dense_min_tokens_for(self.kind, self.values.dtype, self.sparsity)
 
     def extra_repr(self) -> str:
         start = self.dense_from_tokens()

@@ -49,16 +49,21 @@ def expand_dense(
     flat fp32/values-dtype buffer ``out`` when given (>= (r1 - r0) x padded cols; reused across prefill tiles)."""
     r0, r1 = rows if rows is not None else (0, layout.shape[0])
     dtype = dtype or layout.values.dtype
-    ext = load_kernels() if use_kernel and isinstance(layout, BitmaskLayout) else None
+    ext = load_kernels() if use_kernel else None
     if ext is None or layout.values.dtype not in KERNEL_DTYPES or dtype not in (layout.values.dtype, torch.float32):
         return layout_to_dense(layout, (r0, r1)).to(dtype)
-    dense = ext.bitmask_expand(layout.mask, layout.values, layout.row_ptr, r0, r1, dtype == torch.float32, out)
+    to_f32 = dtype == torch.float32
+    if isinstance(layout, CsrLayout):
+        return ext.csr_expand(layout.col, layout.values, layout.row_ptr, layout.cols, r0, r1, to_f32, out)
+    dense = ext.bitmask_expand(layout.mask, layout.values, layout.row_ptr, r0, r1, to_f32, out)
     return dense[:, : layout.cols]
 
 
 # Bytes of one prefill tile of expanded fp32 weight: 8 MiB (512 rows at 4096 columns) lives in the shared 32 MiB L3
-# while torch's GEMM reads it. Measured at 512 / 2048 tokens on 4096x4096 (same run): 256-row tiles with a
-# transposed output 1.09x / 0.84x of dense; 512-row tiles in the dense GEMM's own orientation 1.16x / 1.00x.
+# while torch's GEMM reads it. Every tile is one GEMM that re-packs x, so from 512 tokens on the tile grows with the
+# tokens (16 MiB at 512, 64 MiB = a whole 4096x4096 layer at 2048). Measured at 512 / 2048 tokens on 4096x4096
+# (same run): 256-row tiles with a transposed output 1.09x / 0.84x of dense; 512-row tiles in the dense GEMM's own
+# orientation 1.16x / 1.00x; one whole-layer tile at 2048 tokens 1.11x.
 PREFILL_TILE_BYTES = 8 << 20
 
 
@@ -70,7 +75,8 @@ def dense_tiles_linear(
     GEMM)."""
     rows, cols = layout.shape
     padded = (cols + 63) // 64 * 64
-    step = min(rows, max(8, PREFILL_TILE_BYTES // (4 * padded)))
+    tile_bytes = PREFILL_TILE_BYTES * max(1, x.shape[0] // 256)
+    step = min(rows, max(8, tile_bytes // (4 * padded)))
     xf = x.float()  # (tokens, cols)
     out = torch.empty(x.shape[0], rows, dtype=torch.float32)
     weight_buffer = torch.empty(step * padded, dtype=torch.float32)

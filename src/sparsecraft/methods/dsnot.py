@@ -21,14 +21,15 @@ class DSnoT:
     max_iter: int = 50  # prune-and-grow swaps per row, at most (the paper's "cycles")
     candidates: int = 1  # grow candidates tried per row and swap (1 = greedy best grow only)
     base_options: dict[str, Any] = field(default_factory=dict)  # options of the base method
+    dampening: float = 0.0  # ridge on the Hessian that drives the swaps (x mean diagonal); the guard is undamped
     supports: ClassVar[tuple[type, ...]] = (Unstructured, NM)  # swaps keep row counts and N:M groups, not tiles
-    supports: ClassVar[tuple[type, ...]] = (Unstructured, NM)
 
     def __post_init__(self) -> None:
         if "dsnot" in self.base:
             raise ValueError(f"dsnot base must be a plain method such as 'wanda' or 'sparsegpt', got {self.base!r}")
-        if self.max_iter < 0 or self.candidates < 1:
-            raise ValueError(f"dsnot needs max_iter >= 0 and candidates >= 1, got {self.max_iter}, {self.candidates}")
+        if self.max_iter < 0 or self.candidates < 1 or not self.dampening >= 0:
+            raise ValueError(f"dsnot needs max_iter >= 0, candidates >= 1 and dampening >= 0, got {self.max_iter}, "
+                             f"{self.candidates}, {self.dampening}")
         self.base_method()  # fail early on an unknown base or bad options
 
     def base_method(self) -> Any:
@@ -46,8 +47,8 @@ class DSnoT:
         if stats.hessian is None:
             raise ValueError("dsnot needs calibration statistics (the Hessian); pass calibration data")
         w_new, keep = self.base_method().prune(weight, stats, sparsity, pattern, generator)
-        return dsnot_refine(weight, w_new, keep, stats.hessian, pattern, self.max_iter,
-                            self.candidates)
+        return dsnot_refine(weight, w_new, keep, stats.hessian, pattern, self.max_iter, self.candidates,
+                            self.dampening)
 
 
 def with_dsnot(base: str) -> type:

@@ -11,7 +11,9 @@ so every accepted swap provably lowers it. With g = H d (one row of G = D H):
 - then prune q (kept, q != p, same N:M group as p): V_q -> 0 raises the error by 2 V_q g'_q + V_q^2 H_qq, with
   g' = g - delta H[:, p].
 Each row tries its ``candidates`` best grows p, each with its best partner q, and takes the best pair only if the
-sum is negative; rows that cannot improve stop.
+sum is negative; rows that cannot improve stop. ``dampening`` > 0 drives the swaps with H + dampening * mean(diag H) I
+(ridge-regularised grown values, for few calibration tokens where H is rank-deficient); the final guard still uses
+the undamped H.
 Counts per row (hence unstructured sparsity) and N:M groups are preserved exactly. A final float64 check reverts
 any row whose error would not have dropped (rounding), so the refinement never raises a row's error.
 """
@@ -30,14 +32,18 @@ def row_errors(W: torch.Tensor, V: torch.Tensor, H: torch.Tensor) -> torch.Tenso
 
 
 def dsnot_refine(W: torch.Tensor, V: torch.Tensor, keep: torch.Tensor, H: torch.Tensor, pattern: Pattern,
-                 max_iter: int = 50, candidates: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_iter: int = 50, candidates: int = 1, dampening: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """W dense (out, in); V current sparse weights (out, in), zero where ~keep; H (in, in) -> (V', keep'). Pure."""
     if not isinstance(pattern, (Unstructured, NM)):
         raise ValueError(f"dsnot refines unstructured and N:M masks, not {pattern}; use it without block patterns")
-    if max_iter < 0 or candidates < 1:
-        raise ValueError(f"dsnot needs max_iter >= 0 and candidates >= 1, got {max_iter}, {candidates}")
+    if max_iter < 0 or candidates < 1 or not dampening >= 0:
+        raise ValueError(f"dsnot needs max_iter >= 0, candidates >= 1, dampening >= 0; got {max_iter}, {candidates}, "
+                         f"{dampening}")
     rows, cols = W.shape
-    Hf = H.detach().float().to(W.device)
+    H_raw = H.detach().float().to(W.device)
+    Hf = H_raw
+    if dampening > 0:
+        Hf = H_raw + dampening * float(torch.diag(H_raw).mean()) * torch.eye(cols, device=W.device)
     h = torch.diag(Hf).clamp_min(1e-12 * float(torch.diag(Hf).mean().clamp_min(1e-30)))  # (in,) dead inputs: no gain
     Wf, V0 = W.detach().float(), (V.detach().float() * keep)
     Vf, K = V0.clone(), keep.clone()
@@ -82,7 +88,7 @@ def dsnot_refine(W: torch.Tensor, V: torch.Tensor, keep: torch.Tensor, H: torch.
         Vf[t, qt] = 0.0
         K[t, pt] = True
         K[t, qt] = False
-    worse = row_errors(Wf, Vf, Hf) >= row_errors(Wf, V0, Hf)  # float64 guard: keep a row's input if no real gain
+    worse = row_errors(Wf, Vf, H_raw) >= row_errors(Wf, V0, H_raw)  # float64 guard: keep a row's input if no real gain
     changed = (K != keep).any(1)
     revert = worse & changed
     Vf[revert], K[revert] = V0[revert], keep[revert]

@@ -311,10 +311,63 @@ torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Te
   return dense;
 }
 
+template <typename V, typename I, typename D>
+void csr_expand_rows(const I* col, const V* vals, const int64_t* rp, D* dense, int64_t cols, int64_t a, int64_t b,
+                     int64_t first_row) {
+  for (int64_t o = a; o < b; ++o) {
+    D* d = dense + (o - first_row) * cols;
+    std::memset(d, 0, cols * sizeof(D));
+    for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
+      if constexpr (sizeof(D) == 4) d[col[k]] = to_f32(vals[k]);
+      else d[col[k]] = vals[k];
+    }
+  }
+}
+
+template <typename I>
+void csr_expand_dispatch(const I* c, const torch::Tensor& values, const int64_t* rp, torch::Tensor& dense,
+                         int64_t cols, int64_t r0, int64_t r1, bool to_f32) {
+  const bool bf16 = values.scalar_type() == torch::kBFloat16;
+  at::parallel_for(r0, r1, grain(r1 - r0, cols), [&](int64_t a, int64_t b) {
+    if (bf16 && to_f32)
+      csr_expand_rows(c, (const uint16_t*)values.data_ptr(), rp, dense.data_ptr<float>(), cols, a, b, r0);
+    else if (bf16)
+      csr_expand_rows(c, (const uint16_t*)values.data_ptr(), rp, (uint16_t*)dense.data_ptr(), cols, a, b, r0);
+    else
+      csr_expand_rows(c, values.data_ptr<float>(), rp, dense.data_ptr<float>(), cols, a, b, r0);
+  });
+}
+
+// CSR rows [r0, r1) -> dense (r1 - r0, cols) in the values' dtype, or fp32 when to_f32; into ``out`` when given.
+torch::Tensor csr_expand(torch::Tensor col, torch::Tensor values, torch::Tensor row_ptr, int64_t cols, int64_t r0,
+                         int64_t r1, bool to_f32, c10::optional<torch::Tensor> out) {
+  check_common(values, row_ptr);
+  TORCH_CHECK(col.is_contiguous(), "col must be contiguous");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= row_ptr.size(0) - 1, "bad row range");
+  const auto dtype = to_f32 ? torch::kFloat : values.scalar_type();
+  torch::Tensor dense;
+  if (out.has_value() && out->defined()) {
+    TORCH_CHECK(out->is_contiguous() && out->scalar_type() == dtype && out->numel() >= (r1 - r0) * cols,
+                "csr_expand: out must be contiguous, of the output dtype, with room for the rows");
+    dense = out->view(-1).narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
+  } else {
+    dense = torch::empty({r1 - r0, cols}, values.options().dtype(dtype));
+  }
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  if (col.scalar_type() == torch::kShort)
+    csr_expand_dispatch((const uint16_t*)col.data_ptr<int16_t>(), values, rp, dense, cols, r0, r1, to_f32);
+  else
+    csr_expand_dispatch(col.data_ptr<int32_t>(), values, rp, dense, cols, r0, r1, to_f32);
+  return dense;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("bitmask_linear", &bitmask_linear, "bitmask-sparse weight (rows, cols) applied to x (B, cols) -> (B, rows)");
   mod.def("csr_linear", &csr_linear, "CSR-sparse weight applied to x (B, cols) -> (B, rows)");
   mod.def("bitmask_expand", &bitmask_expand, "bitmask layout rows [r0, r1) -> dense, padded to 64 columns",
           py::arg("mask"), py::arg("values"), py::arg("row_ptr"), py::arg("r0"), py::arg("r1"), py::arg("to_f32"),
+          py::arg("out") = py::none());
+  mod.def("csr_expand", &csr_expand, "CSR rows [r0, r1) -> dense", py::arg("col"), py::arg("values"),
+          py::arg("row_ptr"), py::arg("cols"), py::arg("r0"), py::arg("r1"), py::arg("to_f32"),
           py::arg("out") = py::none());
 }

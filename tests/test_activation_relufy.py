@@ -43,3 +43,27 @@ def test_relufy_gives_exact_zeros_and_l1_trains(arch: str, calib: torch.Tensor) 
 def test_relufy_leaves_relu_mlps_alone() -> None:
     model = tiny_model("opt")  # OPT's MLP already uses ReLU
     assert relufy_(model) == []
+
+
+def test_density_penalty_by_hand_and_it_trains(calib: torch.Tensor) -> None:
+    from sparsecraft.activation.relufy import density_penalty
+
+    x = torch.tensor([0.0, 0.0, 1.0, -2.0])
+    assert density_penalty(x, beta=1e6).item() == 0.5  # -> the fraction of non-zeros
+    torch.testing.assert_close(density_penalty(x, beta=1.0), (torch.tanh(torch.tensor(1.0)) + torch.tanh(torch.tensor(2.0))) / 4)
+    model = tiny_model("llama")
+    relufy_(model)
+    before = exact_zero_fraction(model, calib)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with l1_on_mlp_inputs(model, penalty="density", beta=5.0) as pen:
+        for _ in range(3):
+            model(input_ids=calib, use_cache=False)
+            loss = pen.take()
+            assert 0.0 < loss.item() < 1.0
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert hook_count(model) == 0 and exact_zero_fraction(model, calib) > before
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        with l1_on_mlp_inputs(model, penalty="l0"):
+            pass

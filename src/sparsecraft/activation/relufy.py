@@ -4,6 +4,11 @@ ProSparse (https://arxiv.org/abs/2402.13516): replace the MLP activation by ReLU
 the activation outputs whose factor rises in stages, smoothly inside each stage, so the model is not shocked by a
 large penalty at once. Here the penalty is the mean |x| of the inputs of the MLP's down projection (the activation
 output times the up projection for gated MLPs), collected by forward pre-hooks owned by a context manager.
+
+DEFT-style density loss (Runwal et al., arXiv:2402.01911) as the option ``penalty="density"``: instead of the L1
+magnitude, a smooth count of the non-zero inputs, mean tanh(beta |x|), which tends to the fraction of non-zeros (the
+activation density) as beta grows and, unlike L1, stops pushing on inputs that are already zero-ish or large.
+(A tanh surrogate of the L0 density; the paper's exact normalisation may differ.)
 """
 
 from __future__ import annotations
@@ -68,8 +73,17 @@ class ProSparseSchedule:
         return self.factors[-1]
 
 
+PENALTIES = ("l1", "density")
+
+
+def density_penalty(x: torch.Tensor, beta: float = 10.0) -> torch.Tensor:
+    """Smooth activation density: mean tanh(beta |x|) in [0, 1]; -> the fraction of non-zeros as beta -> inf."""
+    return torch.tanh(beta * x.abs()).mean()
+
+
 class ActivationL1:
-    """Mean |x| over the inputs of every MLP down projection seen since the last ``take()`` (keeps the graph)."""
+    """The penalty (mean |x|, or the density surrogate) over the inputs of every MLP down projection seen since the
+    last ``take()``, averaged over layers (keeps the graph)."""
 
     def __init__(self) -> None:
         self.terms: list[torch.Tensor] = []
@@ -83,14 +97,20 @@ class ActivationL1:
 
 
 @contextmanager
-def l1_on_mlp_inputs(model: nn.Module) -> Iterator[ActivationL1]:
-    """Attach pre-hooks on the MLP down projections feeding an ActivationL1; always remove them."""
+def l1_on_mlp_inputs(model: nn.Module, penalty: str = "l1", beta: float = 10.0) -> Iterator[ActivationL1]:
+    """Attach pre-hooks on the MLP down projections feeding an ActivationL1; always remove them. ``penalty``: "l1"
+    (ProSparse, mean |x|) or "density" (DEFT-style, mean tanh(beta |x|))."""
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
+    if not beta > 0:
+        raise ValueError(f"the density penalty's beta must be > 0, got {beta}")
+    term = (lambda x: x.abs().mean()) if penalty == "l1" else (lambda x: density_penalty(x, beta))
     l1 = ActivationL1()
     downs = {f: m for f, m in linear_targets(model).items() if is_mlp_down(f, m, model)}
     handles = []
     try:
         for module in downs.values():
-            handles.append(module.register_forward_pre_hook(lambda _m, args: l1.terms.append(args[0].abs().mean())))
+            handles.append(module.register_forward_pre_hook(lambda _m, args: l1.terms.append(term(args[0]))))
         yield l1
     finally:
         for h in handles:

@@ -23,6 +23,7 @@ SEARCH = {"generations": 12, "offspring": 4, "survivors": 1, "fitness_windows": 
 # name, method, method options, pattern, sparsity, allocation, allocation options; in priority order. Workers take
 # the next unclaimed configuration (a claim is a file next to --out), so any number of workers share the list.
 DSNOT = {"max_iter": 10}
+DSNOT_DAMPED = {"max_iter": 10, "dampening": 0.1}  # ridge on the swap Hessian: 2,048 calibration tokens under-determine it
 CONFIGS: list[tuple] = [
     ("dense", None, {}, "unstructured", 0.0, "uniform", {}),
     ("wanda", "wanda", {}, "unstructured", 0.7, "uniform", {}),
@@ -40,6 +41,10 @@ CONFIGS: list[tuple] = [
     ("sparsegpt", "sparsegpt", {}, "unstructured", 0.5, "uniform", {}),
     ("owl+sparsegpt+dsnot", "sparsegpt+dsnot", DSNOT, "unstructured", 0.5, "owl", OWL),
     ("search+wanda", "wanda", {}, "unstructured", 0.7, "search", SEARCH),
+    ("sparsegpt+dsnot(damped)", "sparsegpt+dsnot", DSNOT_DAMPED, "2:4", None, "uniform", {}),
+    ("sparsegpt+dsnot(damped)", "sparsegpt+dsnot", DSNOT_DAMPED, "unstructured", 0.5, "uniform", {}),
+    ("sparsegpt+dsnot(damped)", "sparsegpt+dsnot", DSNOT_DAMPED, "unstructured", 0.6, "uniform", {}),
+    ("sparsegpt+dsnot(damped)", "sparsegpt+dsnot", DSNOT_DAMPED, "unstructured", 0.7, "uniform", {}),
 ]
 
 

@@ -64,7 +64,10 @@ def expand_dense(
 # tokens (16 MiB at 512, 64 MiB = a whole 4096x4096 layer at 2048). Measured at 512 / 2048 tokens on 4096x4096
 # (same run): 256-row tiles with a transposed output 1.09x / 0.84x of dense; 512-row tiles in the dense GEMM's own
 # orientation 1.16x / 1.00x; one whole-layer tile at 2048 tokens 1.11x.
+# Capped at 32 MiB: glibc serves larger blocks with a fresh mmap on every call, and faulting in 64 MiB of new pages
+# costs about 5% of a 2048-token GEMM.
 PREFILL_TILE_BYTES = 8 << 20
+PREFILL_TILE_MAX_BYTES = 32 << 20
 
 
 def dense_tiles_linear(
@@ -75,18 +78,21 @@ def dense_tiles_linear(
     GEMM)."""
     rows, cols = layout.shape
     padded = (cols + 63) // 64 * 64
-    tile_bytes = PREFILL_TILE_BYTES * max(1, x.shape[0] // 256)
+    tile_bytes = min(PREFILL_TILE_BYTES * max(1, x.shape[0] // 256), PREFILL_TILE_MAX_BYTES)
     step = min(rows, max(8, tile_bytes // (4 * padded)))
     xf = x.float()  # (tokens, cols)
     out = torch.empty(x.shape[0], rows, dtype=torch.float32)
     weight_buffer = torch.empty(step * padded, dtype=torch.float32)
-    product = torch.empty(x.shape[0], step, dtype=torch.float32)
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        tile = expand_dense(layout, use_kernel, (r0, r1), torch.float32, out=weight_buffer)  # (r1 - r0, cols)
-        part = product[:, : r1 - r0]
-        torch.mm(xf, tile.t(), out=part) if r1 - r0 == step else part.copy_(xf @ tile.t())
-        out[:, r0:r1] = part
+    if step == rows:  # one tile: the GEMM writes the output directly
+        torch.mm(xf, expand_dense(layout, use_kernel, None, torch.float32, out=weight_buffer).t(), out=out)
+    else:
+        product = torch.empty(x.shape[0], step, dtype=torch.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            tile = expand_dense(layout, use_kernel, (r0, r1), torch.float32, out=weight_buffer)  # (r1 - r0, cols)
+            part = product[:, : r1 - r0]
+            torch.mm(xf, tile.t(), out=part) if r1 - r0 == step else part.copy_(xf @ tile.t())
+            out[:, r0:r1] = part
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)

@@ -68,14 +68,16 @@ def test_pack_errors_are_one_line_and_say_how_to_fix(pruned_dir, tmp_path):
 
 def test_bench_prints_a_table_and_writes_plot(pruned_dir, tmp_path, capsys):
     folder, _, _ = pruned_dir
-    args = _parse(bench, ["bench", str(folder), "--batch-sizes", "1,3", "--formats", "50%,2:4", "--rounds", "1",
+    args = _parse(bench, ["bench", str(folder), "--batch-sizes", "1,3,40", "--formats", "50%,2:4", "--rounds", "1",
                           "--output", str(tmp_path)])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "winner" in out and "whole model" in out
+    assert "winner" in out and "whole model" in out and "dense tiles" in out
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert {r["fmt"] for r in rows} == {"50%", "2:4", "ckpt"} and {r["batch"] for r in rows} == {1, 3}
-    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    assert {r["fmt"] for r in rows} == {"50%", "2:4", "ckpt"} and {r["batch"] for r in rows} == {1, 3, 40}
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["kernel_ms"] > 0 for r in rows)
+    assert {r["path"] for r in rows if r["batch"] == 40} == {"dense tiles"}  # bitmask fp32: tiles from 32 tokens
+    assert {r["path"] for r in rows if r["batch"] < 32} == {"kernel"}
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 

@@ -3,7 +3,8 @@
 For every distinct Linear shape of the model, and each sparse format (unstructured at several sparsities, N:M,
 or the checkpoint's own masks), time the dense ``F.linear`` and the packed ``SparseLinear`` kernel at each batch
 size, interleaved in the same run; print who wins and by how much, per layer shape and for the whole model (each
-shape weighted by how often it occurs), and save a plot and the numbers.
+shape weighted by how often it occurs), and save a plot and the numbers. Batch sizes at or above a layer's prefill
+threshold also time what ``SparseLinear`` really runs there (dense tiles instead of the kernel) and say so.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class Result:
     layout: str
     batch: int
     dense_ms: float
-    sparse_ms: float
+    sparse_ms: float  # what SparseLinear runs at this batch: the kernel, or dense tiles from its prefill threshold
+    path: str = "kernel"  # "kernel" | "dense tiles"
+    kernel_ms: float = 0.0  # the sparse kernel itself (same as sparse_ms on the kernel path)
 
     @property
     def speedup(self) -> float:
@@ -94,23 +97,34 @@ def layer_shapes(model: nn.Module) -> dict[tuple[int, int], list[str]]:
 
 def measure(linear: nn.Linear, keep: torch.Tensor, pattern, label: str, count: int, batches: list[int],
             rounds: int) -> list[Result]:
-    sparse = SparseLinear.from_dense(linear, keep, pattern)
-    sparse.dense_min_tokens = 10**9  # time the sparse kernel itself
+    ruled = SparseLinear.from_dense(linear, keep, pattern)  # its own prefill rule
+    kernel = SparseLinear(ruled.layout, None, ruled.pattern)
+    kernel.dense_min_tokens = 10**9  # the sparse kernel itself at every batch
     w = torch.where(keep, linear.weight.detach(), torch.zeros((), dtype=linear.weight.dtype))
+    start = ruled.dense_from_tokens()
     results = []
     for b in batches:
         x = torch.randn(b, linear.in_features).to(w.dtype)
-        t = time_interleaved({"dense": lambda: torch.nn.functional.linear(x, w), "sparse": lambda: sparse(x)}, rounds)
+        fns = {"dense": lambda: torch.nn.functional.linear(x, w), "kernel": lambda: kernel(x)}
+        tiles = start is not None and b >= start
+        if tiles:
+            fns["module"] = lambda: ruled(x)
+        t = time_interleaved(fns, rounds)
         shape = f"{linear.out_features}x{linear.in_features}"
-        results.append(Result(shape, count, label, sparse.kind, b, 1e3 * t["dense"], 1e3 * t["sparse"]))
+        sparse = t["module"] if tiles else t["kernel"]
+        results.append(Result(shape, count, label, ruled.kind, b, 1e3 * t["dense"], 1e3 * sparse,
+                               "dense tiles" if tiles else "kernel", 1e3 * t["kernel"]))
     return results
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"{'shape':>11} {'n':>3} {'format':>7} {'layout':>7} {'B':>3} {'dense ms':>9} {'sparse ms':>9}  winner")
+    print(f"{'shape':>11} {'n':>3} {'format':>7} {'layout':>7} {'B':>3} {'dense ms':>9} {'sparse ms':>9} "
+          f"{'path':>11}  winner")
     for r in results:
         win = f"sparse {r.speedup:.2f}x" if r.speedup >= 1 else f"dense {1 / r.speedup:.2f}x"
-        print(f"{r.shape:>11} {r.count:>3} {r.fmt:>7} {r.layout:>7} {r.batch:>3} {r.dense_ms:9.3f} {r.sparse_ms:9.3f}  {win}")
+        note = f"  (kernel alone {r.dense_ms / r.kernel_ms:.2f}x)" if r.path != "kernel" else ""
+        print(f"{r.shape:>11} {r.count:>3} {r.fmt:>7} {r.layout:>7} {r.batch:>3} {r.dense_ms:9.3f} {r.sparse_ms:9.3f} "
+              f"{r.path:>11}  {win}{note}")
     print("\nwhole model (every Linear, weighted by count):")
     for fmt in dict.fromkeys(r.fmt for r in results):
         for b in dict.fromkeys(r.batch for r in results):

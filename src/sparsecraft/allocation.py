@@ -27,7 +27,7 @@ from sparsecraft.patterns import (NM, Block, Pattern, Unstructured, check_sparsi
                                   split_counts)
 
 ALLOCATIONS = ("uniform", "erk", "owl", "search")
-Shapes = Mapping[str, tuple[int, int]]
+Shapes = Mapping[str, tuple[int, ...]]  # (out, in) weights; uniform and erk also take conv shapes (out, in, kh, kw)
 
 
 def unit_area(pattern: Pattern) -> int:
@@ -89,7 +89,7 @@ def round_counts(real: Mapping[str, float], units: Mapping[str, int], lo_c: Mapp
 
 def _units(shapes: Shapes, pattern: Pattern) -> dict[str, int]:
     area = unit_area(pattern)
-    return {k: r * c // area for k, (r, c) in shapes.items()}
+    return {k: math.prod(shape) // area for k, shape in shapes.items()}
 
 
 def shifted(base: Mapping[str, float], shapes: Shapes, target: float, pattern: Pattern = Unstructured(),
@@ -110,9 +110,11 @@ def uniform(shapes: Shapes, target: float, pattern: Pattern | str = "unstructure
 
 def erk(shapes: Shapes, target: float, pattern: Pattern | str = "unstructured", min_sparsity: float = 0.0,
         max_sparsity: float = 0.99, power: float = 1.0) -> dict[str, float]:
-    """Erdos-Renyi-Kernel: density_l = eps * ((rows + cols) / (rows * cols)) ** power, eps fitted to the target."""
+    """Erdos-Renyi-Kernel (Evci et al. 2020): density_l = eps * (sum(shape_l) / prod(shape_l)) ** power, i.e.
+    (rows + cols) / (rows * cols) for a Linear, eps fitted to the target; layers it would make denser than 1 clip
+    at ``min_sparsity`` and the rest are re-solved by the fit."""
     pattern = _no_nm(parse_pattern(pattern), "erk")
-    raw = {k: ((r + c) / (r * c)) ** power for k, (r, c) in shapes.items()}
+    raw = {k: (sum(shape) / math.prod(shape)) ** power for k, shape in shapes.items()}
     t_lo = -1.0 / min(raw.values())  # every density >= 1: all sparsities clip at min_sparsity
     return fit_exact(lambda t: {k: 1.0 + t * v for k, v in raw.items()}, _units(shapes, pattern), target,
                      min_sparsity, max_sparsity, (t_lo, 0.0))

@@ -33,6 +33,7 @@ class ThresholdedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.pruned = keep is not None
+        self._layout_t: BitmaskLayout | None = None
         if keep is None:
             self.register_buffer("wt", transpose_weight(linear.weight))  # (in, out)
         else:
@@ -49,7 +50,11 @@ class ThresholdedLinear(nn.Module):
         self.use_kernel = True
 
     def layout_t(self) -> BitmaskLayout:
-        return BitmaskLayout(self.mask_t, self.values_t, self.row_ptr_t, self.out_features, False)
+        # A view of the buffers, rebuilt only when .to() / load_state_dict replaced them (decode calls this per token).
+        values = self.values_t
+        if self._layout_t is None or self._layout_t.values is not values:
+            self._layout_t = BitmaskLayout(self.mask_t, values, self.row_ptr_t, self.out_features, False)
+        return self._layout_t
 
     def weight_t(self) -> torch.Tensor:
         """The exact weight, transposed (in, out); zeros where pruned."""

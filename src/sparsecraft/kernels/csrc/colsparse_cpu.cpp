@@ -160,6 +160,21 @@ void gemv_bitmask(const uint64_t* mask, int64_t in, int64_t words, int64_t out, 
   }
 }
 
+// Checks x (in,) fp32 and the optional scale (in,) fp32 (empty = all ones); -> the scale pointer or null.
+const float* scale_ptr(const torch::Tensor& x, const torch::Tensor& scale, int64_t in) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == in, "x must be fp32 (in,)");
+  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat && scale.is_contiguous() &&
+                                     scale.numel() == in), "scale must be empty or fp32 (in,)");
+  return scale.numel() ? scale.data_ptr<float>() : nullptr;
+}
+
+const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t out) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == out,
+              "bias must be fp32 (out,)");
+  return bias->data_ptr<float>();
+}
+
 }  // namespace
 
 // The bitmask layout of W.T: mask int64 (in, words) with bit o of row j = W[o, j] kept, values (nnz + 8,) fp32 or
@@ -174,16 +189,8 @@ torch::Tensor colsparse_bitmask_gemv(torch::Tensor mask, torch::Tensor values, t
               "row_ptr must be int64 (in + 1,)");
   const int64_t in = mask.size(0), words = mask.size(1);
   TORCH_CHECK(out <= words * 64, "out larger than the mask rows");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == in, "x must be fp32 (in,)");
-  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat && scale.is_contiguous() &&
-                                     scale.numel() == in), "scale must be empty or fp32 (in,)");
-  const float* ps = scale.numel() ? scale.data_ptr<float>() : nullptr;
-  const float* pb = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == out,
-                "bias must be fp32 (out,)");
-    pb = bias->data_ptr<float>();
-  }
+  const float* ps = scale_ptr(x, scale, in);
+  const float* pb = bias_ptr(bias, out);
   auto y = torch::empty({out}, x.options());
   const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
@@ -204,16 +211,8 @@ torch::Tensor colsparse_gemv(torch::Tensor wt, torch::Tensor x, torch::Tensor sc
   TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "wt must be a contiguous (in, out) matrix");
   TORCH_CHECK(wt.scalar_type() == torch::kFloat || wt.scalar_type() == torch::kBFloat16, "wt must be fp32 or bf16");
   const int64_t in = wt.size(0), out = wt.size(1);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == in, "x must be fp32 (in,)");
-  TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat && scale.is_contiguous() &&
-                                     scale.numel() == in), "scale must be empty or fp32 (in,)");
-  const float* ps = scale.numel() ? scale.data_ptr<float>() : nullptr;
-  const float* pb = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == out,
-                "bias must be fp32 (out,)");
-    pb = bias->data_ptr<float>();
-  }
+  const float* ps = scale_ptr(x, scale, in);
+  const float* pb = bias_ptr(bias, out);
   auto y = torch::empty({out}, x.options());
   if (wt.scalar_type() == torch::kBFloat16)
     gemv((const uint16_t*)wt.data_ptr(), in, out, x.data_ptr<float>(), ps, (float)threshold, pb, y.data_ptr<float>());

@@ -105,24 +105,33 @@ void gemv(const V* wt, int64_t in, int64_t out, const float* x, const float* sca
 
 // Joint weight + activation sparsity: the transposed weight is bitmask-packed (row j = column W[:, j], one bit per
 // output, the kept values packed), so a skipped input skips its row and a kept input reads only its kept weights:
-// acc[0:words*64] += sum over k in [k0, k1) of xv[k] * expand(row idx[k]). Two inputs per pass over acc.
+// acc[0:words*64] += sum over k in [k0, k1) of xv[k] * expand(row idx[k]). Four inputs per pass over acc.
 template <typename V>
 void accumulate_bitmask(const uint64_t* mask, int64_t words, const V* vals, const int64_t* row_ptr,
                         const int32_t* idx, const float* xv, int64_t k0, int64_t k1, float* acc) {
   int64_t k = k0;
-  for (; k + 2 <= k1; k += 2) {
+  for (; k + 4 <= k1; k += 4) {  // four inputs per pass: one load and one store of acc per 4 expansions
     const uint8_t* m0 = (const uint8_t*)(mask + (int64_t)idx[k] * words);
     const uint8_t* m1 = (const uint8_t*)(mask + (int64_t)idx[k + 1] * words);
+    const uint8_t* m2 = (const uint8_t*)(mask + (int64_t)idx[k + 2] * words);
+    const uint8_t* m3 = (const uint8_t*)(mask + (int64_t)idx[k + 3] * words);
     const V* v0 = vals + row_ptr[idx[k]];
     const V* v1 = vals + row_ptr[idx[k + 1]];
+    const V* v2 = vals + row_ptr[idx[k + 2]];
+    const V* v3 = vals + row_ptr[idx[k + 3]];
     const __m256 x0 = _mm256_set1_ps(xv[k]), x1 = _mm256_set1_ps(xv[k + 1]);
+    const __m256 x2 = _mm256_set1_ps(xv[k + 2]), x3 = _mm256_set1_ps(xv[k + 3]);
     for (int64_t c = 0; c < words * 8; ++c) {
-      const unsigned b0 = m0[c], b1 = m1[c];
+      const unsigned b0 = m0[c], b1 = m1[c], b2 = m2[c], b3 = m3[c];
       __m256 a = _mm256_fmadd_ps(x0, expand(v0, b0), _mm256_loadu_ps(acc + 8 * c));
-      a = _mm256_fmadd_ps(x1, expand(v1, b1), a);
-      _mm256_storeu_ps(acc + 8 * c, a);
+      __m256 b = _mm256_mul_ps(x1, expand(v1, b1));
+      a = _mm256_fmadd_ps(x2, expand(v2, b2), a);
+      b = _mm256_fmadd_ps(x3, expand(v3, b3), b);
+      _mm256_storeu_ps(acc + 8 * c, _mm256_add_ps(a, b));
       v0 += __builtin_popcount(b0);
       v1 += __builtin_popcount(b1);
+      v2 += __builtin_popcount(b2);
+      v3 += __builtin_popcount(b3);
     }
   }
   for (; k < k1; ++k) {

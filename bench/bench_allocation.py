@@ -46,6 +46,7 @@ CONFIGS: list[tuple] = [
     ("sparsegpt+dsnot(damped)", "sparsegpt+dsnot", DSNOT_DAMPED, "unstructured", 0.6, "uniform", {}),
     ("sparsegpt+dsnot(damped)", "sparsegpt+dsnot", DSNOT_DAMPED, "unstructured", 0.7, "uniform", {}),
     ("owl+sparsegpt", "sparsegpt", {}, "unstructured", 0.5, "owl", OWL),
+    ("search+sparsegpt", "sparsegpt", {}, "unstructured", 0.5, "search", SEARCH),
     ("sparsegpt+dsnot(damped 1.0)", "sparsegpt+dsnot", {"max_iter": 10, "dampening": 1.0}, "2:4", None, "uniform", {}),
 ]
 

@@ -22,7 +22,8 @@ from sparsecraft.kernels.colsparse import (
     transpose_weight,
     transposed_bitmask,
 )
-from sparsecraft.kernels.layout import BitmaskLayout, layout_to_dense
+from sparsecraft.kernels import expand_dense
+from sparsecraft.kernels.layout import BitmaskLayout
 
 
 class ThresholdedLinear(nn.Module):
@@ -58,7 +59,7 @@ class ThresholdedLinear(nn.Module):
 
     def weight_t(self) -> torch.Tensor:
         """The exact weight, transposed (in, out); zeros where pruned."""
-        return layout_to_dense(self.layout_t()) if self.pruned else self.wt
+        return expand_dense(self.layout_t()) if self.pruned else self.wt
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = float(self.threshold)

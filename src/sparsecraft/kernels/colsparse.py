@@ -51,6 +51,18 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
+def _kernel_args(x: torch.Tensor, scale: torch.Tensor | None, threshold: float, bias: torch.Tensor | None) -> tuple:
+    """The (x, scale, threshold, bias) arguments both GEMV kernels take: fp32, contiguous, empty scale = all ones."""
+    return (_f32(x).view(-1), _NO_SCALE if scale is None else _f32(scale), float(threshold),
+            None if bias is None else _f32(bias))
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A kernel's (out,) fp32 result -> x's leading shape and dtype."""
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def colsparse_linear(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None, threshold: float = 0.0,
                      bias: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
     """Same result as ``colsparse_linear_ref``; one token (x.numel() == in) runs the AVX2 kernel when it can.
@@ -63,10 +75,7 @@ def colsparse_linear(wt: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | No
         ext = load_colsparse()
     if ext is None:
         return colsparse_linear_ref(wt, x, scale, threshold, bias)
-    y = ext.colsparse_gemv(wt, _f32(x).view(-1), _NO_SCALE if scale is None else _f32(scale), float(threshold),
-                           None if bias is None else _f32(bias))
-    y = y.view(*x.shape[:-1], wt.shape[1])
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return _shaped(ext.colsparse_gemv(wt, *_kernel_args(x, scale, threshold, bias)), x)
 
 
 def transposed_bitmask(weight: torch.Tensor, keep: torch.Tensor) -> BitmaskLayout:
@@ -85,8 +94,6 @@ def colsparse_bitmask_linear(layout_t: BitmaskLayout, x: torch.Tensor, scale: to
         ext = load_colsparse()
     if ext is None:
         return colsparse_linear_ref(layout_to_dense(layout_t), x, scale, threshold, bias)
-    y = ext.colsparse_bitmask_gemv(layout_t.mask, layout_t.values, layout_t.row_ptr, out_features, _f32(x).view(-1),
-                                   _NO_SCALE if scale is None else _f32(scale), float(threshold),
-                                   None if bias is None else _f32(bias))
-    y = y.view(*x.shape[:-1], out_features)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    y = ext.colsparse_bitmask_gemv(layout_t.mask, layout_t.values, layout_t.row_ptr, out_features,
+                                   *_kernel_args(x, scale, threshold, bias))
+    return _shaped(y, x)

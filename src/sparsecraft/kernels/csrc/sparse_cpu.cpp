@@ -281,23 +281,26 @@ torch::Tensor csr_linear(torch::Tensor col, torch::Tensor values, torch::Tensor 
   return finish(out, x, bias);
 }
 
+// Where an expander writes its (rows, width) dense rows, in the values' dtype or fp32 when to_f32: the first
+// rows * width elements of ``out`` when given (a reused prefill tile: no fresh pages to fault in), else a new tensor.
+static torch::Tensor expand_target(const c10::optional<torch::Tensor>& out, int64_t rows, int64_t width,
+                                   const torch::Tensor& values, bool to_f32) {
+  const auto dtype = to_f32 ? torch::kFloat : values.scalar_type();
+  if (!out.has_value() || !out->defined()) return torch::empty({rows, width}, values.options().dtype(dtype));
+  TORCH_CHECK(out->is_contiguous() && out->scalar_type() == dtype && out->numel() >= rows * width,
+              "sparsecraft expand: out must be contiguous, of the output dtype, with room for the rows");
+  return out->view(-1).narrow(0, 0, rows * width).view({rows, width});
+}
+
 // Bitmask layout rows [r0, r1) -> dense (r1 - r0, words * 64) in the values' dtype, or fp32 when to_f32; written
-// into ``out`` when given (a reused prefill tile: no fresh pages to fault in per tile).
+// into ``out`` when given (see expand_target).
 torch::Tensor bitmask_expand(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, int64_t r0, int64_t r1,
                              bool to_f32, c10::optional<torch::Tensor> out) {
   check_common(values, row_ptr);
   const int64_t words = mask.size(1);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= mask.size(0), "bad row range");
   const bool bf16 = values.scalar_type() == torch::kBFloat16;
-  const auto dtype = to_f32 ? torch::kFloat : values.scalar_type();
-  torch::Tensor dense;
-  if (out.has_value() && out->defined()) {
-    TORCH_CHECK(out->is_contiguous() && out->scalar_type() == dtype && out->numel() >= (r1 - r0) * words * 64,
-                "bitmask_expand: out must be contiguous, of the output dtype, with room for the rows");
-    dense = out->view(-1).narrow(0, 0, (r1 - r0) * words * 64).view({r1 - r0, words * 64});
-  } else {
-    dense = torch::empty({r1 - r0, words * 64}, values.options().dtype(dtype));
-  }
+  torch::Tensor dense = expand_target(out, r1 - r0, words * 64, values, to_f32);
   const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   at::parallel_for(r0, r1, grain(r1 - r0, words * 64), [&](int64_t a, int64_t b) {
@@ -344,15 +347,7 @@ torch::Tensor csr_expand(torch::Tensor col, torch::Tensor values, torch::Tensor 
   check_common(values, row_ptr);
   TORCH_CHECK(col.is_contiguous(), "col must be contiguous");
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= row_ptr.size(0) - 1, "bad row range");
-  const auto dtype = to_f32 ? torch::kFloat : values.scalar_type();
-  torch::Tensor dense;
-  if (out.has_value() && out->defined()) {
-    TORCH_CHECK(out->is_contiguous() && out->scalar_type() == dtype && out->numel() >= (r1 - r0) * cols,
-                "csr_expand: out must be contiguous, of the output dtype, with room for the rows");
-    dense = out->view(-1).narrow(0, 0, (r1 - r0) * cols).view({r1 - r0, cols});
-  } else {
-    dense = torch::empty({r1 - r0, cols}, values.options().dtype(dtype));
-  }
+  torch::Tensor dense = expand_target(out, r1 - r0, cols, values, to_f32);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   if (col.scalar_type() == torch::kShort)
     csr_expand_dispatch((const uint16_t*)col.data_ptr<int16_t>(), values, rp, dense, cols, r0, r1, to_f32);

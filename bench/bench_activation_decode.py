@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import PROMPT, greedy  # noqa: E402
+from bench_decode import PROMPT, race  # noqa: E402
 
 from sparsecraft import data  # noqa: E402
 from sparsecraft.activation import attach, calibrate, measure  # noqa: E402
@@ -49,14 +48,8 @@ def main() -> None:
         fast = copy.deepcopy(base)
         swap_linears_(fast, specs)
         hooked = copy.deepcopy(base)
-        rates: dict[str, list[float]] = {"dense": [], "hooks": [], "kernel": []}
-        outs = {}
         with attach(hooked, specs):
-            for _ in range(args.rounds):
-                for name, model in (("dense", base), ("hooks", hooked), ("kernel", fast)):
-                    outs[name], rate = greedy(model, ids, args.new_tokens)
-                    rates[name].append(rate)
-        med = {k: statistics.median(v) for k, v in rates.items()}
+            med, outs = race({"dense": base, "hooks": hooked, "kernel": fast}, ids, args.new_tokens, args.rounds)
         same = int((outs["hooks"] == outs["kernel"]).sum())
         print(f"sparsity {s:.2f}: dense {med['dense']:6.1f} tok/s  hooks {med['hooks']:6.1f}  kernel "
               f"{med['kernel']:6.1f}  speedup kernel/dense {med['kernel'] / med['dense']:.2f}x  same tokens as "

@@ -63,6 +63,19 @@ def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.
     return torch.cat(tokens, 1), (new_tokens - 1) / seconds
 
 
+def race(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, rounds: int
+         ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Greedy-decode every model ``rounds`` times, interleaved (so machine noise hits all alike) ->
+    (median tokens/s per name, the generated ids per name)."""
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    outs: dict[str, torch.Tensor] = {}
+    for _ in range(rounds):
+        for name, model in models.items():
+            outs[name], rate = greedy(model, ids, new_tokens)
+            rates[name].append(rate)
+    return {name: statistics.median(r) for name, r in rates.items()}, outs
+
+
 def linear_share(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:
     """Fraction of decode wall time inside nn.Linear forwards (hooks; includes lm_head)."""
     spent = [0.0]
@@ -102,13 +115,8 @@ def main() -> None:
                     dense.get_submodule(f).weight.mul_(keep)
             packed = copy.deepcopy(dense)
             summary = sparsify_model_(packed, masks, CASES[case][0])
-            rates: dict[str, list[float]] = {"dense": [], "packed": []}
-            outs = {}
-            for _ in range(args.rounds):  # interleaved rounds
-                for name, model in (("dense", dense), ("packed", packed)):
-                    outs[name], rate = greedy(model, ids, args.new_tokens)
-                    rates[name].append(rate)
-            d, s = statistics.median(rates["dense"]), statistics.median(rates["packed"])
+            med, outs = race({"dense": dense, "packed": packed}, ids, args.new_tokens, args.rounds)
+            d, s = med["dense"], med["packed"]
             same = int((outs["dense"] == outs["packed"]).sum())
             print(f"[{dname}] {case:>4}: dense {d:6.1f} tok/s  packed {s:6.1f} tok/s  speedup {s / d:.2f}x  "
                   f"linear weight bytes {summary['sparse_bytes'] / summary['dense_bytes']:.2f} of dense  "

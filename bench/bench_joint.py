@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import PROMPT, greedy  # noqa: E402
+from bench_decode import PROMPT, race  # noqa: E402
 
 from sparsecraft import data  # noqa: E402
 from sparsecraft.activation import attach, calibrate, measure  # noqa: E402
@@ -66,13 +65,8 @@ def main() -> None:
         act, joint = copy.deepcopy(model), copy.deepcopy(model)
         swap_linears_(act, specs)
         swap_linears_(joint, specs, result.masks)
-        rates: dict[str, list[float]] = {"dense": [], "packed": [], "act": [], "joint": []}
-        outs = {}
-        for _ in range(args.rounds):
-            for name, m in (("dense", model), ("packed", packed), ("act", act), ("joint", joint)):
-                outs[name], rate = greedy(m, ids, args.new_tokens)
-                rates[name].append(rate)
-        med = {k: statistics.median(v) for k, v in rates.items()}
+        med, outs = race({"dense": model, "packed": packed, "act": act, "joint": joint}, ids, args.new_tokens,
+                         args.rounds)
         same = int((outs["act"] == outs["joint"]).sum())
         print(f"weights {args.weight_sparsity:.0%} + activations {s:.0%}: ppl {joint_ppl:.2f} | tok/s dense "
               f"{med['dense']:.1f} packed {med['packed']:.1f} ({med['packed'] / med['dense']:.2f}x) act "

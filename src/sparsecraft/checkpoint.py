@@ -18,7 +18,7 @@ from torch import nn
 
 from sparsecraft import formats
 from sparsecraft.engine.blocks import _is_conv1d
-from sparsecraft.engine.resume import atomic_save_tensors
+from sparsecraft.io import atomic_save_tensors
 from sparsecraft.patterns import Pattern
 
 PACKED_FILE = "model.safetensors"

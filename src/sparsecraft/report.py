@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sparsecraft.engine.record import PruneResult
-from sparsecraft.engine.resume import atomic_write_bytes
+from sparsecraft.io import atomic_write_bytes
 
 
 def versions() -> dict[str, str]:

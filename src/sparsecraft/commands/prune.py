@@ -18,7 +18,8 @@ from sparsecraft.allocation import allocate
 from sparsecraft.api import prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.config import RunConfig, read_plan
-from sparsecraft.engine.resume import ResumeState, atomic_write_bytes
+from sparsecraft.engine.resume import ResumeState
+from sparsecraft.io import atomic_write_bytes
 from sparsecraft.memory import PeakMemory
 from sparsecraft.models import context_length, load_model, parse_dtype
 

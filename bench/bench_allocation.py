@@ -70,7 +70,7 @@ def worker(index: int, args: argparse.Namespace) -> None:
     import torch
 
     from sparsecraft import data, evaluate
-    from sparsecraft.allocation import allocate
+    from sparsecraft.api import allocate
     from sparsecraft.api import prune
     from sparsecraft.models import load_model
 
@@ -91,7 +91,7 @@ def worker(index: int, args: argparse.Namespace) -> None:
         if method is not None:
             plan = allocate(model, alloc, sparsity, pattern, calib, options=aopts) if alloc != "uniform" else None
             t_alloc = time.perf_counter() - t0
-            result = prune(model, method, sparsity, pattern, calib, plan=plan, method_options=mopts, progress=False)
+            result = prune(model, method, sparsity, pattern, calib, layer_sparsity=plan, method_options=mopts, progress=False)
             realized = result.sparsity
             layers = {"error_mean": sum(r.error for r in result.layers.values()) / len(result.layers)}
         seconds = time.perf_counter() - t0

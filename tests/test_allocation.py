@@ -10,8 +10,9 @@ import torch
 
 from conftest import tiny_model
 from helpers_cli import make_checkpoint, make_text
-from sparsecraft.allocation import allocate, erk, outlier_ratios, owl, realized_sparsity, score_ranks, uniform
-from sparsecraft.api import prune
+from sparsecraft.allocation import erk, outlier_ratios, owl, realized_sparsity, uniform
+from sparsecraft.api import allocate, prune
+from sparsecraft.search import score_ranks
 from sparsecraft.cli import main
 from sparsecraft.patterns import num_pruned, parse_pattern
 
@@ -85,7 +86,7 @@ def test_allocations_on_a_model_are_exact_after_pruning_and_deterministic(kind, 
     again = allocate(model, kind, 0.63, "unstructured", calib, options=opts, seed=3, max_sparsity=0.9)
     assert plan == again
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is unchanged
-    result = prune(model, "wanda", None, "unstructured", calib, plan=plan, progress=False)
+    result = prune(model, "wanda", None, "unstructured", calib, layer_sparsity=plan, progress=False)
     total = sum(m.numel() for m in result.masks.values())
     zeros = sum(int((~m).sum()) for m in result.masks.values())
     assert len(result.masks) == 14 and zeros == num_pruned(total, 0.63)
@@ -93,15 +94,15 @@ def test_allocations_on_a_model_are_exact_after_pruning_and_deterministic(kind, 
 
 
 def test_search_never_ends_worse_than_uniform_on_its_fitness_windows(calib):
-    from sparsecraft.allocation import (apply_ranked_plan_, dense_input_sqnorms, kl_to_dense, prunable_layers,
-                                        token_logprobs)
-    from sparsecraft.engine.blocks import weight_2d
+    from sparsecraft.engine.blocks import prunable_layers, weight_2d
+    from sparsecraft.engine.passes import input_sqnorms
+    from sparsecraft.search import apply_ranked_plan_, kl_to_dense, token_logprobs
     model = tiny_model("llama")
     opts = {"generations": 3, "offspring": 3, "survivors": 2, "fitness_windows": 2, "step": 0.1}
     plan = allocate(model, "search", 0.5, calibration=calib, options=opts, seed=0)
     layers = prunable_layers(model)
     dense = {f: weight_2d(m).detach().clone() for f, m in layers.items()}
-    ranks = score_ranks(dense, dense_input_sqnorms(model, calib))
+    ranks = score_ranks(dense, input_sqnorms(model, calib))
     windows = calib[-2:]
     ref = token_logprobs(model, windows, 8)
 

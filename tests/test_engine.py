@@ -57,7 +57,7 @@ def test_calibration_input_unchanged_and_model_still_runs(calib):
 def test_per_layer_plan_and_exclude(calib):
     model = tiny_model("llama")
     plan = {"model.layers.0.mlp.down_proj": 0.75}
-    result = prune(model, "magnitude", 0.5, "unstructured", calib, plan=plan, exclude=["*.self_attn.*"],
+    result = prune(model, "magnitude", 0.5, "unstructured", calib, layer_sparsity=plan, exclude=["*.self_attn.*"],
                    progress=False)
     assert all("self_attn" not in f for f in result.masks)
     assert result.layers["model.layers.0.mlp.down_proj"].sparsity == 0.75
@@ -66,7 +66,7 @@ def test_per_layer_plan_and_exclude(calib):
 
 def test_plan_with_unknown_layer_is_an_error(calib):
     with pytest.raises(ValueError, match="not prunable targets"):
-        prune(tiny_model("llama"), "wanda", 0.5, "unstructured", calib, plan={"lm_head": 0.5}, progress=False)
+        prune(tiny_model("llama"), "wanda", 0.5, "unstructured", calib, layer_sparsity={"lm_head": 0.5}, progress=False)
 
 
 def test_embeddings_and_head_untouched(calib):

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from sparsecraft.patterns import num_pruned
-from sparsecraft.training import DropAndGrow, DropAndGrowConfig, MaskState, drop_and_grow_keep, drop_fraction_at, erk
+from sparsecraft.allocation import erk
+from sparsecraft.training import MAX_TRAINING_SPARSITY, DropAndGrow, DropAndGrowConfig, MaskState, drop_and_grow_keep, drop_fraction_at
 from sparsecraft.training.dst import is_update_step
 
 torch.set_num_threads(1)
@@ -25,7 +26,7 @@ def test_drop_and_grow_golden() -> None:
 def _erk_masks(model: nn.Module, sparsity: float, g: torch.Generator) -> dict[str, torch.Tensor]:
     shapes = {fqn: tuple(model.get_submodule(fqn).weight.shape) for fqn in ("0", "2")}
     masks = {}
-    for fqn, s in erk(shapes, sparsity).items():
+    for fqn, s in erk(shapes, sparsity, max_sparsity=MAX_TRAINING_SPARSITY).items():
         n = torch.Size(shapes[fqn]).numel()
         order = torch.randperm(n, generator=g)
         keep = torch.ones(n, dtype=torch.bool)

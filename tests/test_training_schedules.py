@@ -13,16 +13,24 @@ from sparsecraft.training import (
     GMPConfig,
     GradualMagnitudePruner,
     MaskState,
+    MAX_TRAINING_SPARSITY,
     SparsitySchedule,
-    allocate,
     cosine_decay,
-    erk,
     global_magnitude,
     is_update_step,
     sparsity_at,
-    uniform,
+    training_layer_sparsity,
 )
+from sparsecraft import allocation
 from sparsecraft.training.allocation import realized_zeros
+
+
+def erk(shapes, target):  # training's bounds: a layer may go down to one weight
+    return allocation.erk(shapes, target, max_sparsity=MAX_TRAINING_SPARSITY)
+
+
+def uniform(shapes, target):
+    return allocation.uniform(shapes, target, max_sparsity=MAX_TRAINING_SPARSITY)
 
 torch.set_num_threads(1)
 
@@ -92,7 +100,7 @@ def test_uniform_and_global_magnitude_exact() -> None:
     weights = {"small": torch.full((4, 4), 100.0), "big": torch.arange(1.0, 33.0).reshape(4, 8)}
     assert global_magnitude(weights, 0.5) == {"small": 0.0, "big": 0.75}  # 24 of 48 zeros, all in "big"
     with pytest.raises(ValueError, match="'uniform', 'erk', 'global_magnitude'"):
-        allocate("owl", weights, 0.5)  # type: ignore[arg-type]
+        training_layer_sparsity("owl", weights, 0.5)  # type: ignore[arg-type]
     # a threshold that would empty a layer leaves it one weight and prunes elsewhere instead
     tiny = {"a": torch.full((2, 2), 1e-3), "b": torch.arange(1.0, 9.0).reshape(2, 4)}
     assert global_magnitude(tiny, 0.5) == {"a": 0.75, "b": 3 / 8}

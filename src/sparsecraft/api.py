@@ -1,57 +1,42 @@
-"""``sparsecraft.prune``: the one call that prunes any model made of repeated blocks."""
+"""The public calls: ``sparsecraft.prune`` (one-shot pruning of any model made of repeated blocks) and
+``sparsecraft.allocate`` (a per-layer sparsity for it)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from sparsecraft.engine.blocks import find_blocks, find_targets, weight_2d
-from sparsecraft.engine.capture import capture_block_inputs, outside_blocks_on
-from sparsecraft.engine.loop import prune_layer, run_oneshot
+from sparsecraft.allocation import check_allocation, erk, outlier_ratios, owl, require_varying, uniform
+from sparsecraft.engine.blocks import find_blocks, find_targets, layers_by_block, weight_2d
+from sparsecraft.engine.capture import Calibration, as_batches
+from sparsecraft.engine.driver import capture
 from sparsecraft.engine.hooks import LayerCollector
+from sparsecraft.engine.loop import AfterPrune, prune_layer, run_oneshot
+from sparsecraft.engine.passes import input_sqnorms
 from sparsecraft.engine.record import PruneResult
+from sparsecraft.engine.resume import ResumeState
 from sparsecraft.methods import Method, get_method
 from sparsecraft.methods.base import supports
+from sparsecraft.moe.prune import moe_aware
 from sparsecraft.patterns import NM, Pattern, check_shape, check_sparsity, parse_pattern, resolve_sparsity
-
-Calibration = torch.Tensor | Iterable[torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
-
-
-def as_batches(calibration: Calibration, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Token ids (N, T), or a list of (T,)/(B, T) tensors, or a list of model-input dicts -> list of dicts."""
-    if isinstance(calibration, torch.Tensor):
-        if calibration.ndim != 2 or calibration.shape[0] == 0:
-            raise ValueError(f"calibration token ids must have shape (nsamples, seqlen) with nsamples >= 1, "
-                             f"got {tuple(calibration.shape)}")
-        return [{"input_ids": chunk} for chunk in calibration.split(batch_size)]
-    batches = []
-    for item in calibration:
-        if isinstance(item, torch.Tensor):
-            batches.append({"input_ids": item if item.ndim == 2 else item.unsqueeze(0)})
-        elif isinstance(item, Mapping) and "input_ids" in item:
-            batches.append(dict(item))
-        else:
-            raise ValueError("each calibration item must be a tensor of token ids or a dict with 'input_ids'")
-    if not batches:
-        raise ValueError("the calibration set is empty; pass at least one batch of token ids")
-    return batches
+from sparsecraft.search import search_layer_sparsity
 
 
-def make_plan(targets: dict[str, nn.Module], sparsity: float, pattern: Pattern,
-              plan: Mapping[str, float] | None) -> dict[str, float]:
-    """Per-layer sparsity keyed by fqn: ``plan`` entries override the uniform default; 0 means "leave dense"."""
-    plan = dict(plan or {})
-    unknown = sorted(set(plan) - set(targets))
+def resolve_layer_sparsity(targets: dict[str, nn.Module], sparsity: float, pattern: Pattern,
+                           layer_sparsity: Mapping[str, float] | None) -> dict[str, float]:
+    """Per-layer sparsity keyed by fqn: ``layer_sparsity`` entries override the uniform default; 0 = leave dense."""
+    given = dict(layer_sparsity or {})
+    unknown = sorted(set(given) - set(targets))
     if unknown:
         example = ", ".join(list(targets)[:3])
-        raise ValueError(f"plan names layers that are not prunable targets: {unknown[:5]}; "
+        raise ValueError(f"layer_sparsity names layers that are not prunable targets: {unknown[:5]}; "
                          f"use full module names such as {example}")
     out = {}
     for fqn in targets:
-        s = check_sparsity(plan.get(fqn, sparsity))
+        s = check_sparsity(given.get(fqn, sparsity))
         out[fqn] = resolve_sparsity(s, pattern) if s > 0 else 0.0
     return {fqn: s for fqn, s in out.items() if s > 0}
 
@@ -59,11 +44,15 @@ def make_plan(targets: dict[str, nn.Module], sparsity: float, pattern: Pattern,
 def _check_weights(targets: dict[str, nn.Module], pattern: Pattern) -> None:
     for fqn, module in targets.items():
         w = weight_2d(module)
+        if w.device.type == "meta":
+            raise ValueError(f"weight of {fqn} is on the meta device (an offloaded or empty model); load the "
+                             f"weights first, or prune a safetensors folder with streaming")
         check_shape(tuple(w.shape), pattern, fqn)
         if not torch.isfinite(w).all():
             raise ValueError(f"weight of {fqn} contains NaN or inf; fix or reload the model before pruning")
 
 
+@moe_aware  # MoE models: per-expert Linear views of fused experts, routers kept dense (sparsecraft.moe)
 def prune(
     model: nn.Module,
     method: str | Method = "wanda",
@@ -71,7 +60,7 @@ def prune(
     pattern: str | Pattern = "unstructured",
     calibration: Calibration | None = None,
     *,
-    plan: Mapping[str, float] | None = None,
+    layer_sparsity: Mapping[str, float] | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     method_options: dict[str, Any] | None = None,
@@ -80,20 +69,22 @@ def prune(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
-    resume: Any = None,
+    resume: ResumeState | None = None,
+    after_prune: AfterPrune | None = None,
 ) -> PruneResult:
     """Prune every Linear (and GPT-2 Conv1D) inside the model's repeated blocks, in place.
 
-    ``sparsity`` is the uniform default (ignored for N:M, which fixes it); ``plan`` maps fqn -> sparsity.
-    ``include`` / ``exclude`` are fnmatch patterns on fqns (e.g. ``["*.mlp.*"]``). Embeddings and the LM head
-    are never pruned. Returns a PruneResult with explicit keep-masks and per-layer realized sparsity, relative
-    reconstruction error and time. Blocks move to ``device`` one at a time; cached block inputs live on
-    ``offload`` (CPU by default, or the device itself when it has room). ``resume`` is an optional
-    ``sparsecraft.engine.resume.ResumeState``.
+    ``sparsity`` is the uniform default (ignored for N:M, which fixes it); ``layer_sparsity`` maps fqn -> sparsity
+    (e.g. from ``sparsecraft.allocate``). ``include`` / ``exclude`` are fnmatch patterns on fqns (e.g.
+    ``["*.mlp.*"]``). Embeddings and the LM head are never pruned. Returns a PruneResult with explicit keep-masks and
+    per-layer realized sparsity, relative reconstruction error and time. Blocks move to ``device`` one at a time;
+    cached block inputs live on ``offload`` (CPU by default, or the device itself when it has room). ``resume``
+    continues an interrupted run; ``after_prune`` runs on each block after its layers are pruned (e.g. block
+    reconstruction).
     """
     pattern = parse_pattern(pattern)
-    if sparsity is None and plan and not isinstance(pattern, NM):
-        sparsity = 0.0  # only the layers named in the plan are pruned
+    if sparsity is None and layer_sparsity and not isinstance(pattern, NM):
+        sparsity = 0.0  # only the layers named in layer_sparsity are pruned
     sparsity = resolve_sparsity(sparsity, pattern)
     method_obj = get_method(method, **(method_options or {}))
     if not supports(method_obj, pattern):
@@ -104,33 +95,69 @@ def prune(
     all_targets = {fqn: m for t in per_block for fqn, m in t.items()}
     if not all_targets:
         raise ValueError(f"no prunable layers matched in {blocks_fqn}; loosen include/exclude patterns")
-    layer_plan = make_plan(all_targets, sparsity, pattern, plan)
-    per_block = [{f: m for f, m in t.items() if f in layer_plan} for t in per_block]
-    _check_weights({f: all_targets[f] for f in layer_plan}, pattern)
+    planned = resolve_layer_sparsity(all_targets, sparsity, pattern, layer_sparsity)
+    per_block = [{f: m for f, m in t.items() if f in planned} for t in per_block]
+    _check_weights({f: all_targets[f] for f in planned}, pattern)
     name = method if isinstance(method, str) else type(method).__name__.lower()
     result = PruneResult(method=name, pattern=str(pattern), blocks=blocks_fqn)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if calibration is None:
         if method_obj.needs:
             raise ValueError(f"method {name!r} needs calibration data; pass calibration=token ids (nsamples, seqlen)")
-        return _prune_data_free(per_block, layer_plan, method_obj, pattern, seed, result)
-    batches = as_batches(calibration, batch_size)
-    with outside_blocks_on(model, blocks_fqn, device):
-        calls = capture_block_inputs(model, blocks[0], batches, device, offload)
-    start = 0
-    if resume is not None:
-        start = resume.bind(model).restore(model, calls, result)
-    return run_oneshot(blocks, blocks_fqn, per_block, layer_plan, calls, method_obj, pattern, result, seed=seed,
-                       device=device, start=start, progress=progress,
+        return _prune_data_free(per_block, planned, method_obj, pattern, seed, result)
+    _, _, calls = capture(model, as_batches(calibration, batch_size), device, offload)
+    start = resume.bind(model).restore(model, calls, result) if resume is not None else 0
+    return run_oneshot(blocks, blocks_fqn, per_block, planned, calls, method_obj, pattern, result, seed=seed,
+                       device=device, start=start, progress=progress, after_prune=after_prune,
                        on_block_done=resume.save if resume is not None else None)
 
 
-def _prune_data_free(per_block: list[dict[str, nn.Module]], plan: dict[str, float], method: Method,
+def _prune_data_free(per_block: list[dict[str, nn.Module]], layer_sparsity: dict[str, float], method: Method,
                      pattern: Pattern, seed: int, result: PruneResult) -> PruneResult:
     """Magnitude / random without calibration data: no reconstruction error is measured (reported as NaN)."""
     for targets in per_block:
         for fqn, module in targets.items():
-            collector = LayerCollector(module, fqn, (), "cpu", hessian=False)  # no inputs, no Hessian
-            keep, record = prune_layer(fqn, module, collector, method, plan[fqn], pattern, seed)
+            collector = LayerCollector(module, fqn, (), "cpu")  # no inputs: no statistics
+            keep, record = prune_layer(fqn, module, collector, method, layer_sparsity[fqn], pattern, seed)
             result.masks[fqn], result.layers[fqn] = keep, record
     return result
+
+
+def allocate(model: nn.Module, kind: str, sparsity: float | None, pattern: str | Pattern = "unstructured",
+             calibration: Calibration | None = None, *, include: list[str] | None = None,
+             exclude: list[str] | None = None, min_sparsity: float = 0.0, max_sparsity: float = 0.99,
+             options: Mapping[str, Any] | None = None, seed: int = 0, batch_size: int = 8,
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """A per-layer sparsity for ``prune(model, ..., layer_sparsity=...)`` reaching ``sparsity`` exactly; the model is
+    unchanged. Kinds: the registry ``sparsecraft.allocation.ALLOCATIONS`` (uniform, erk, owl, search).
+
+    Options: erk ``power``; owl ``M`` (default 5) and ``lam`` (default 0.08); search: see
+    ``sparsecraft.search.search_layer_sparsity``.
+    """
+    options = dict(options or {})
+    check_allocation(kind, options)
+    pattern = parse_pattern(pattern)
+    by_block = layers_by_block(model, include, exclude)
+    layers = {f: m for targets in by_block.values() for f, m in targets.items()}
+    groups = {f: b for b, targets in by_block.items() for f in targets}
+    if not layers:
+        raise ValueError("no prunable layers matched; loosen include/exclude patterns")
+    shapes = {f: tuple(weight_2d(m).shape) for f, m in layers.items()}
+    if isinstance(pattern, NM) and kind == "uniform":
+        return uniform(shapes, pattern.sparsity, pattern)
+    target = check_sparsity(0.5 if sparsity is None else sparsity)
+    bounds = {"min_sparsity": min_sparsity, "max_sparsity": max_sparsity}
+    if kind == "uniform":
+        return uniform(shapes, target, pattern, **bounds)
+    if kind == "erk":
+        return erk(shapes, target, pattern, power=float(options.get("power", 1.0)), **bounds)
+    require_varying(pattern, kind)
+    if calibration is None:
+        raise ValueError(f"allocation {kind!r} needs calibration data; pass calibration token ids (n, seqlen)")
+    sqnorms = input_sqnorms(model, calibration, include, exclude, batch_size, device)
+    weights = {f: weight_2d(m).detach() for f, m in layers.items()}
+    if kind == "owl":
+        ratios = outlier_ratios(weights, sqnorms, float(options.get("M", 5.0)), groups)
+        return owl(ratios, shapes, target, pattern, float(options.get("lam", 0.08)), **bounds)
+    return search_layer_sparsity(model, layers, groups, sqnorms, calibration, target, pattern, seed=seed,
+                                 batch_size=batch_size, **bounds, **options)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from sparsecraft import evaluate
-from sparsecraft.allocation import (allocate, apply_ranked_plan_, dense_input_sqnorms, layers_by_block, score_ranks)
-from sparsecraft.api import prune
-from sparsecraft.engine.blocks import weight_2d
+from sparsecraft.api import allocate, prune
+from sparsecraft.engine.blocks import layers_by_block, weight_2d
+from sparsecraft.engine.passes import input_sqnorms
+from sparsecraft.search import apply_ranked_plan_, score_ranks
 from sparsecraft.patterns import NM, parse_pattern
 
 Log = Callable[[str], None]
@@ -66,7 +67,7 @@ def sweep(model: nn.Module, calib: torch.Tensor, windows: torch.Tensor, methods:
                     alloc = allocation if not isinstance(pattern, NM) else "uniform"
                     plan = None if alloc == "uniform" else allocate(
                         model, alloc, s, pattern, calib, options=allocation_options, seed=seed, batch_size=batch_size)
-                    result = prune(model, method, s, pattern, calib, plan=plan, batch_size=batch_size, seed=seed,
+                    result = prune(model, method, s, pattern, calib, layer_sparsity=plan, batch_size=batch_size, seed=seed,
                                    progress=False)
                     ppl = evaluate.perplexity(model, windows)
                     rows.append({"method": method, "pattern": str(pattern), "sparsity": s, "allocation": alloc,
@@ -99,7 +100,7 @@ def block_sensitivity(model: nn.Module, calib: torch.Tensor, windows: torch.Tens
     dense_w = {f: weight_2d(m).detach().clone() for f, m in layers.items()}
     fast = method in ("wanda", "magnitude")
     if fast:
-        sq = dense_input_sqnorms(model, calib, batch_size=batch_size) if method == "wanda" else \
+        sq = input_sqnorms(model, calib, batch_size=batch_size) if method == "wanda" else \
             {f: torch.ones(w.shape[1]) for f, w in dense_w.items()}
         ranks = score_ranks(dense_w, sq)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}

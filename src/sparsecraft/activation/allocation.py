@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparsecraft.activation.measure import linear_targets
 from sparsecraft.activation.stats import InputStats
 from sparsecraft.activation.thresholds import attach, calibrate
-from sparsecraft.engine.blocks import find_blocks, weight_2d
-from sparsecraft.engine.capture import BlockCall, capture_block_inputs
-from sparsecraft.engine.loop import propagate
+from sparsecraft.engine.blocks import weight_2d
+from sparsecraft.engine.capture import BlockCall, as_batches
+from sparsecraft.engine.driver import capture, run_blocks
 
 LEVELS = tuple(round(0.1 * i, 2) for i in range(10))  # 0.0 .. 0.9
 
@@ -54,21 +53,22 @@ def layer_costs(model: nn.Module, windows: torch.Tensor, stats: dict[str, InputS
     """Per-layer error curves on ``windows`` (n, T); thresholds for every level come from ``stats``."""
     if levels[0] != 0.0 or list(levels) != sorted(levels):
         raise ValueError(f"levels must start at 0.0 and increase, got {levels}")
-    prefix, blocks = find_blocks(model)
     device = next(model.parameters()).device
     targets = linear_targets(model)
     specs = {s: calibrate({f: stats[f] for f in targets}, s, method) for s in levels[1:]}
-    calls = capture_block_inputs(model, blocks[0], [{"input_ids": b} for b in windows.split(batch_size)], device)
+    prefix, blocks, calls = capture(model, as_batches(windows, batch_size), device)
     cost: dict[str, list[float]] = {}
     owner: dict[str, str] = {}
-    for i, block in enumerate(tqdm(blocks, desc="layer costs", disable=not progress, unit="block")):
-        dense = [call.run(block, device).float().cpu() for call in calls]
+
+    def step(i: int, block: nn.Module, block_calls: list[BlockCall]) -> None:
+        dense = [call.run(block, device).float().cpu() for call in block_calls]
         for fqn in [f for f in targets if f.startswith(f"{prefix}.{i}.")]:
             cost[fqn], owner[fqn] = [0.0], f"{prefix}.{i}"
             for s in levels[1:]:
                 with attach(model, {fqn: specs[s][fqn]}):
-                    cost[fqn].append(_block_error(block, calls, dense, device))
-        propagate(block, calls, device)
+                    cost[fqn].append(_block_error(block, block_calls, dense, device))
+
+    run_blocks(blocks, calls, step, device, desc="layer costs", progress=progress)
     weight = {f: weight_2d(m).numel() for f, m in targets.items()}
     return LayerCosts(tuple(levels), cost, weight, method, owner)
 

@@ -35,7 +35,7 @@ from sparsecraft.engine.blocks import weight_2d
 from sparsecraft.evaluate import perplexity
 from sparsecraft.models import context_length, load_model, parse_dtype
 
-ALLOCATIONS = ("uniform", "greedy", "greedy-block")
+ACTIVATION_ALLOCATIONS = ("uniform", "greedy", "greedy-block")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def check_args(args: argparse.Namespace) -> None:
     if args.method not in METHODS:
         raise ValueError(f"unknown --method {args.method!r}; use one of {', '.join(METHODS)}")
-    if args.allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown --allocation {args.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    if args.allocation not in ACTIVATION_ALLOCATIONS:
+        raise ValueError(f"unknown --allocation {args.allocation!r}; use one of {', '.join(ACTIVATION_ALLOCATIONS)}")
     if not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}; e.g. --sparsity 0.5")
     for name in ("nsamples", "eval_windows", "cost_windows", "batch_size"):

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from sparsecraft import data, evaluate, report
-from sparsecraft.allocation import allocate
-from sparsecraft.api import prune
+from sparsecraft.api import allocate, prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.config import RunConfig, read_plan
 from sparsecraft.engine.resume import ResumeState
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         state.extras["layer_plan"] = layer_plan(model, cfg, calib)
     with PeakMemory() as memory:
         result = prune(model, cfg.method, cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity,
-                       cfg.pattern, calib, plan=state.extras["layer_plan"] or None, include=cfg.include or None,
+                       cfg.pattern, calib, layer_sparsity=state.extras["layer_plan"] or None, include=cfg.include or None,
                        exclude=cfg.exclude or None, method_options=cfg.method_options, device=cfg.device,
                        batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, resume=state)
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None

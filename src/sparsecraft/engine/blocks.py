@@ -11,30 +11,30 @@ from torch import nn
 BLOCK_OVERRIDES: dict[str, str] = {}
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style Conv1D (weight stored (in, out)); detected by class name to avoid importing transformers here."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
     """The weight as (out, in), whatever the module's storage layout (a view for Conv1D)."""
-    return module.weight.T if _is_conv1d(module) else module.weight
+    return module.weight.T if is_conv1d(module) else module.weight
 
 
 def set_weight_2d_(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an (out, in) weight back in the module's own layout, in place, keeping dtype and device."""
     target = module.weight
     with torch.no_grad():
-        target.copy_(weight.T if _is_conv1d(module) else weight)
+        target.copy_(weight.T if is_conv1d(module) else weight)
 
 
 def to_module_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """An (out, in) tensor (e.g. a keep-mask) in the layout of ``module.weight``."""
-    return t.T.contiguous() if _is_conv1d(module) else t
+    return t.T.contiguous() if is_conv1d(module) else t
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -76,3 +76,16 @@ def find_targets(
             continue
         found[fqn] = module
     return found
+
+
+def layers_by_block(model: nn.Module, include: list[str] | None = None,
+                    exclude: list[str] | None = None) -> dict[str, dict[str, nn.Module]]:
+    """block fqn -> {layer fqn: module}: the layers the engine would prune, in block order."""
+    blocks_fqn, blocks = find_blocks(model)
+    return {f"{blocks_fqn}.{i}": find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)}
+
+
+def prunable_layers(model: nn.Module, include: list[str] | None = None,
+                    exclude: list[str] | None = None) -> dict[str, nn.Module]:
+    """fqn -> module of every layer the engine would prune, in block order."""
+    return {f: m for targets in layers_by_block(model, include, exclude).values() for f, m in targets.items()}

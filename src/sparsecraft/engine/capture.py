@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+
+Calibration = torch.Tensor | Iterable[torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
+
+
+def as_batches(calibration: Calibration, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Token ids (N, T), or a list of (T,)/(B, T) tensors, or a list of model-input dicts -> list of dicts."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.ndim != 2 or calibration.shape[0] == 0:
+            raise ValueError(f"calibration token ids must have shape (nsamples, seqlen) with nsamples >= 1, "
+                             f"got {tuple(calibration.shape)}")
+        return [{"input_ids": chunk} for chunk in calibration.split(batch_size)]
+    batches = []
+    for item in calibration:
+        if isinstance(item, torch.Tensor):
+            batches.append({"input_ids": item if item.ndim == 2 else item.unsqueeze(0)})
+        elif isinstance(item, Mapping) and "input_ids" in item:
+            batches.append(dict(item))
+        else:
+            raise ValueError("each calibration item must be a tensor of token ids or a dict with 'input_ids'")
+    if not batches:
+        raise ValueError("the calibration set is empty; pass at least one batch of token ids")
+    return batches
 
 
 def move(obj: Any, device: torch.device | str) -> Any:

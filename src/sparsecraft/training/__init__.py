@@ -1,7 +1,7 @@
 """Sparse training and fine-tuning: masks that survive training, schedules, allocations, GMP, SET/RigL,
 lottery tickets, N:M training (SR-STE, decaying gradient flow), SquareHead distillation and sparse soups."""
 
-from sparsecraft.training.allocation import allocate, erk, global_magnitude, uniform
+from sparsecraft.training.allocation import MAX_TRAINING_SPARSITY, global_magnitude, training_layer_sparsity
 from sparsecraft.training.distill import squarehead_loss
 from sparsecraft.training.dst import DropAndGrow, DropAndGrowConfig, drop_and_grow_keep, drop_fraction_at
 from sparsecraft.training.finetune import FinetuneConfig, masked_finetune
@@ -34,11 +34,11 @@ __all__ = [
     "sparse_soup",
     "squarehead_loss",
     "structure_decay_pattern",
-    "allocate",
+    "MAX_TRAINING_SPARSITY",
+    "training_layer_sparsity",
     "cosine_decay",
     "drop_and_grow_keep",
     "drop_fraction_at",
-    "erk",
     "find_targets",
     "global_magnitude",
     "is_update_step",
@@ -46,5 +46,4 @@ __all__ = [
     "prune_to_",
     "reset_optimizer_state_",
     "sparsity_at",
-    "uniform",
 ]

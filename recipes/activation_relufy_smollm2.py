@@ -35,9 +35,8 @@ def main() -> None:
     p.add_argument("--factors", default="0.01,0.05,0.1", help="penalty factor reached at the end of each of 3 stages")
     args = p.parse_args()
     model, tok = load_model(None)
-    train = data.calibration_windows(data.tokenize(tok, data.read_text("shakespeare", "calib")),
-                                     args.steps * args.batch, args.seqlen, seed=1)
-    windows = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), 512, args.eval_windows)
+    train = data.calibration_data(tok, "shakespeare", args.steps * args.batch, args.seqlen, seed=1)
+    windows = data.evaluation_data(tok, "shakespeare", 512, args.eval_windows)
     probe = windows[:1, :256]
     print(f"dense: ppl {perplexity(model, windows):.2f}, exact zeros {exact_zero_fraction(model, probe):.3f}")
     relufy_(model)

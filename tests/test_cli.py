@@ -35,11 +35,12 @@ def pruned(assets) -> Path:
 
 
 def test_outputs_and_report_schema(pruned):
-    for name in ("config.json", "model.safetensors", "masks.safetensors", "plan.json", "report.json", "report.md",
+    for name in ("config.json", "model.safetensors", "masks.safetensors", "settings.json", "report.json", "report.md",
                  "sparse/model.safetensors", "plots/layer_sparsity.png", "plots/layer_error.png",
                  "plots/perplexity.png", "tokenizer.json"):
         assert (pruned / name).is_file(), name
-    assert not (pruned / ".partial").exists() and not (pruned / ".staging").exists()
+    assert not (pruned.parent / f".{pruned.name}.partial").exists()
+    assert not (pruned.parent / f".{pruned.name}.staging").exists()
     report = json.loads((pruned / "report.json").read_text())
     assert report["settings"]["method"] == "sparsegpt" and report["seed"] == 0
     assert set(report["versions"]) >= {"torch", "transformers", "sparsecraft"}
@@ -89,9 +90,9 @@ def test_resume_equals_uninterrupted(assets, pruned, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ResumeState, "save", save_then_die)
     assert main(prune_args(assets, out, "--method", "sparsegpt")) == 130
-    assert not (out / "report.json").exists() and (out / ".partial" / "progress.json").is_file()
+    assert not (out / "report.json").exists() and (tmp_path / ".resumed.partial" / "progress.json").is_file()
     monkeypatch.setattr(ResumeState, "save", original)
-    assert main(prune_args(assets, out, "--method", "sparsegpt")) == 2  # not empty, no --resume
+    assert main(prune_args(assets, out, "--method", "sparsegpt")) == 2  # an unfinished run, no --resume
     assert main(prune_args(assets, out, "--method", "sparsegpt", "--resume")) == 0
     a, b = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -112,28 +113,28 @@ def test_resume_with_other_settings_is_refused(assets, tmp_path, monkeypatch):
     assert main(prune_args(assets, out, "--seed", "3", "--resume")) == 2
 
 
-def test_plan_file_and_inspect(assets, tmp_path, capsys):
-    plan = tmp_path / "plan.yaml"
+def test_settings_file_and_inspect(assets, tmp_path, capsys):
+    plan = tmp_path / "settings.yaml"
     plan.write_text("method: magnitude\npattern: '2:4'\nexclude: ['*.self_attn.*']\n"
-                    "layers: {model.layers.0.mlp.up_proj: 0.5}\n")
+                    "layer_sparsity: {model.layers.0.mlp.up_proj: 0.5}\n")
     out = tmp_path / "p"
-    assert main(prune_args(assets, out, "--plan", str(plan))) == 0
-    saved = json.loads((out / "plan.json").read_text())
+    assert main(prune_args(assets, out, "--settings", str(plan))) == 0
+    saved = json.loads((out / "settings.json").read_text())
     assert saved["method"] == "magnitude" and saved["pattern"] == "2:4" and saved["exclude"] == ["*.self_attn.*"]
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in table and "2:4" in table and "self_attn" not in table
-    # the written plan repeats the run exactly
+    # the written settings repeat the run exactly
     again = tmp_path / "p2"
-    assert main(prune_args(assets, again, "--plan", str(out / "plan.json"))) == 0
+    assert main(prune_args(assets, again, "--settings", str(out / "settings.json"))) == 0
     a, b = load_masks(out / "masks.safetensors"), load_masks(again / "masks.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_eval_command(assets, capsys):
-    assert main(["eval", str(assets["model"]), "--text", str(assets["text"]), "--seqlen", "32",
-                 "--windows", "2"]) == 0
+    assert main(["eval", str(assets["model"]), "--eval", str(assets["text"]), "--seqlen", "32",
+                 "--eval-windows", "2"]) == 0
     assert "perplexity" in capsys.readouterr().out
 
 
@@ -141,10 +142,16 @@ def test_eval_command(assets, capsys):
     (["--sparsity", "1.2"], "sparsity must be in [0, 1)"),
     (["--pattern", "5:4"], "invalid N:M pattern 5:4"),
     (["--seqlen", "100"], "longer than the model's context"),
-    (["--method", "obs"], "valid methods"),
+    (["--method", "sparsegpt", "--sparsity", "-0.5"], "sparsity must be in [0, 1)"),
+    (["--method", "obs"], "invalid choice: 'obs'"),
 ])
 def test_bad_input_messages(assets, tmp_path, capsys, extra, message):
-    assert main(prune_args(assets, tmp_path / "bad", *extra)) == 2
+    code = 0
+    try:
+        code = main(prune_args(assets, tmp_path / "bad", *extra))
+    except SystemExit as e:  # argparse's own checks (choices, types) exit from parse_args
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from sparsecraft.checkpoint import save_masks
-from sparsecraft.commands import train as train_cmd
+from sparsecraft.checkpoint import load_masks, save_masks
+from sparsecraft.cli import main
 from sparsecraft.patterns import topk_mask
 
 torch.set_num_threads(1)
@@ -41,25 +40,22 @@ def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     model.save_pretrained(folder / "pruned")
     tok.save_pretrained(folder / "pruned")
     save_masks(masks, folder / "pruned" / "masks.safetensors")
-    (folder / "pruned" / "plan.json").write_text(json.dumps({"model": str(folder / "dense")}))
+    (folder / "pruned" / "settings.json").write_text(json.dumps({"model": str(folder / "dense")}))
     (folder / "text.txt").write_text(TEXT)
     return masks
 
 
 def test_finetune_command_keeps_masks(tmp_path: Path) -> None:
     masks = _checkpoint(tmp_path)
-    parser = argparse.ArgumentParser()
-    train_cmd.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["finetune", str(tmp_path / "pruned"), "--text", str(tmp_path / "text.txt"),
-                              "--eval", str(tmp_path / "text.txt"), "--steps", "4", "--batch-size", "2",
-                              "--seqlen", "16", "--eval-windows", "2", "--eval-seqlen", "16", "--lr", "1e-2",
-                              "--output", str(tmp_path / "out")])
-    assert args.func(args) == 0
+    assert main(["finetune", str(tmp_path / "pruned"), "--calib", str(tmp_path / "text.txt"),
+                 "--eval", str(tmp_path / "text.txt"), "--steps", "4", "--batch-size", "2",
+                 "--train-seqlen", "16", "--eval-windows", "2", "--seqlen", "16", "--lr", "1e-2",
+                 "--output", str(tmp_path / "out"), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert summary["teacher"] == str(tmp_path / "dense")
     assert summary["pruned_weights"] == sum(int((~m).sum()) for m in masks.values())
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
-    saved_masks = load_file(str(tmp_path / "out" / "masks.safetensors"))
+    saved_masks = load_masks(tmp_path / "out" / "masks.safetensors")
     before = load_file(str(tmp_path / "pruned" / "model.safetensors"))
     for fqn, keep in masks.items():
         assert torch.equal(saved_masks[fqn], keep)

@@ -116,3 +116,13 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if max_windows is not None:
         n = min(n, max_windows)
     return tokens[: n * seqlen].reshape(n, seqlen)
+
+
+def calibration_data(tokenizer, source: str | Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """A text source (file, folder, 'shakespeare') -> (nsamples, seqlen) calibration windows at seeded offsets."""
+    return calibration_windows(tokenize(tokenizer, read_text(source, "calib")), nsamples, seqlen, seed)
+
+
+def evaluation_data(tokenizer, source: str | Path, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """A text source -> (n, seqlen) consecutive evaluation windows ('shakespeare' = the held-out works)."""
+    return eval_windows(tokenize(tokenizer, read_text(source, "eval")), seqlen, max_windows)

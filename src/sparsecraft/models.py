@@ -13,10 +13,42 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def parse_dtype(name: str) -> torch.dtype:
+GGUF_DTYPE = torch.bfloat16  # what --dtype auto gives a .gguf model: SmolLM2 and most gguf sources were bf16
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """A dtype name -> torch dtype; "auto" -> None (keep the checkpoint's own)."""
+    if name == "auto":
+        return None
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {name!r}; use auto or one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def check_device(name: str) -> None:
+    """Refuse devices this build of torch cannot use, before anything is loaded."""
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} is not available: this torch build or machine has no CUDA GPU; "
+                             f"use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when a GPU is present, else "cpu"; other names are checked and returned."""
+    check_device(name)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def default_model_file() -> Path:
@@ -53,12 +85,18 @@ def resolve_model(spec: str | None) -> tuple[str, str | None]:
     return spec, None
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """-> (model in eval mode, tokenizer). gguf weights are dequantized to ``dtype``."""
+def load_model(spec: str | None = None, dtype: torch.dtype | str | None = torch.float32, device: str = "cpu"):
+    """-> (model in eval mode, tokenizer). ``dtype`` "auto"/None keeps the checkpoint's float type (a .gguf file
+    becomes bfloat16); gguf weights are dequantized to the dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, gguf = resolve_model(spec)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    where, gguf = resolve_model(None if spec in (None, "default") else spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if dtype is None:
+        dtype = GGUF_DTYPE if gguf else "auto"
+    device = resolve_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
@@ -87,3 +125,10 @@ def _drop_gguf_flag(model: nn.Module) -> nn.Module:
 
 def context_length(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    """Windows must fit the model's context."""
+    ctx = context_length(model)
+    if ctx is not None and seqlen > ctx:
+        raise ValueError(f"seqlen {seqlen} is longer than the model's context ({ctx} tokens); lower --seqlen")

@@ -22,7 +22,7 @@ from sparsecraft.kernels.measure import time_interleaved
 from sparsecraft.commands.pack import load_model_only
 from sparsecraft.models import parse_dtype
 from sparsecraft.patterns import NM, parse_pattern, topk_mask
-from sparsecraft.sparse_linear import SparseLinear
+from sparsecraft.modules import SparseLinear
 
 DEFAULT_FORMATS = "50%,2:4,70%,90%"
 

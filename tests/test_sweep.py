@@ -50,7 +50,7 @@ def test_sweep_command_end_to_end(tmp_path):
     ckpt, text = make_checkpoint(tmp_path / "tiny"), make_text(tmp_path / "t.txt")
     out = tmp_path / "sweep"
     args = ["sweep", "--model", str(ckpt), "--calib", str(text), "--eval", str(text), "--nsamples", "2",
-            "--seqlen", "16", "--eval-windows", "2", "--eval-seqlen", "32", "--methods", "wanda",
+            "--seqlen", "16", "--eval-windows", "2", "--methods", "wanda", "--no-progress",
             "--patterns", "unstructured,2:4", "--sparsities", "0.3,0.6", "--sensitivity", "--output", str(out)]
     assert main(args) == 0
     body = json.loads((out / "sweep.json").read_text())

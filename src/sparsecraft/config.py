@@ -298,3 +298,47 @@ class FinetuneRunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+ACTIVATION_ALLOCATIONS = ("uniform", "greedy", "greedy-block")
+
+
+def _threshold_rules() -> list[str]:
+    from sparsecraft.activation.thresholds import METHODS as RULES  # activation/ sits above config in the house
+
+    return list(RULES)
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """Settings of ``sparsecraft activations measure|calibrate|eval``."""
+
+    action: str = opt("measure", "measure | calibrate | eval", choices=lambda: ["measure", "calibrate", "eval"])
+    model: str = shared("model")
+    calib: str = shared("calib")
+    eval: str = shared("eval")
+    nsamples: int = opt(16, "calibration windows (activation statistics converge fast)")
+    seqlen: int = shared("seqlen")
+    eval_windows: int = opt(8, "evaluation windows of seqlen tokens")
+    batch_size: int = opt(4, "windows per forward pass")
+    seed: int = shared("seed")
+    device: str = shared("device")
+    dtype: str = shared("dtype")
+    method: str = opt("teal", "threshold rule", choices=_threshold_rules)
+    sparsity: float = opt(0.5, "calibrate: model-wide activation sparsity target in [0, 1)")
+    allocation: str = opt("uniform", "uniform | greedy (per layer, least block error, model-wide) | greedy-block "
+                                     "(the greedy inside each block)", choices=lambda: list(ACTIVATION_ALLOCATIONS))
+    cost_windows: int = opt(2, "greedy: calibration windows used for the layer costs")
+    sparsities: str = opt("0.25,0.4,0.5,0.6", "eval: comma-separated model-wide targets")
+    ppl_p: float | None = opt(None, "eval: also find the PPL-p% sparsity (the largest sparsity within p% of dense)")
+    thresholds: str = opt("", "eval: a thresholds.safetensors written by calibrate")
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        check_sparsity(self.sparsity)
+        for name in ("eval_windows", "cost_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.thresholds and not Path(self.thresholds).is_file():
+            raise ValueError(f"thresholds file {self.thresholds} does not exist; write one with `sparsecraft "
+                             f"activations calibrate --output DIR` (DIR/thresholds.safetensors)")

@@ -242,6 +242,7 @@ class SweepConfig:
     nsamples: int = shared("nsamples")
     seqlen: int = shared("seqlen")
     eval_windows: int = shared("eval_windows")
+    eval_seqlen: int | None = opt(None, "tokens per evaluation window (default: seqlen)")
     sensitivity: bool = opt(False, "also prune one block at a time (per-block sensitivity)")
     sensitivity_sparsity: float = opt(0.7, "sparsity of the one pruned block")
     sensitivity_method: str = opt("wanda", "method of the sensitivity runs", choices=lambda: sorted(METHODS))

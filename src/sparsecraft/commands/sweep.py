@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.output, [cfg.model, cfg.calib, cfg.eval], overwrite=args.overwrite)
     calib_text, eval_text = data.read_text(cfg.calib, "calib"), data.read_text(cfg.eval, "eval")
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    check_seqlen(model, cfg.seqlen)
+    eval_seqlen = cfg.eval_seqlen or cfg.seqlen
+    check_seqlen(model, max(cfg.seqlen, eval_seqlen))
     calib = data.calibration_windows(data.tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, cfg.seed)
-    windows = data.eval_windows(data.tokenize(tok, eval_text), cfg.seqlen, max(cfg.eval_windows, 1))
+    windows = data.eval_windows(data.tokenize(tok, eval_text), eval_seqlen, max(cfg.eval_windows, 1))
     dense_ppl = evaluate.perplexity(model, windows)
     log.info("dense perplexity %.2f", dense_ppl)
     rows = sw.sweep(model, calib, windows, cfg.methods, patterns, sparsities, cfg.allocation,

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparsecraft.patterns import topk_mask
-from sparsecraft.sparse_linear import sparsify_model_
+from sparsecraft.modules.sparse_linear import sparsify_model_
 
 CASES = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "70%": ("unstructured", 0.7), "90%": ("unstructured", 0.9)}
 PROMPT = "The history of the printing press begins"

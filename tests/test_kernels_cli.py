@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from sparsecraft.checkpoint import load_packed_state_dict, save_masks
 from sparsecraft.commands import bench, pack
 from sparsecraft.patterns import topk_mask
-from sparsecraft.sparse_linear import SparseLinear, load_packed_model_
+from sparsecraft.modules.sparse_linear import SparseLinear, load_packed_model_
 
 
 @pytest.fixture(scope="module")

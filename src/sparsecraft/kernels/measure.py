@@ -32,3 +32,37 @@ def read_bandwidth(megabytes: int = 256, rounds: int = 7) -> float:
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """Size of the largest CPU cache (Linux sysfs), or ``default`` where sysfs does not say."""
+    from pathlib import Path
+
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=default)
+
+
+def copies_to_stream(nbytes: int, budget: int = 1 << 30) -> int:
+    """How many distinct copies of an ``nbytes`` weight a timing loop must cycle through so that each call reads it
+    from memory, as a decode step does (every weight once per token): together at least twice the last-level
+    cache, at most ``budget`` bytes."""
+    need = -(-2 * last_level_cache_bytes() // max(1, nbytes))
+    return max(1, min(need, budget // max(1, nbytes)))
+
+
+class Cycle:
+    """Call ``fn(item)`` on the next of ``items`` at each call: a weight that cannot stay in cache."""
+
+    def __init__(self, fn: Callable[[object], object], items: list):
+        self.fn, self.items, self.i = fn, items, 0
+
+    def __call__(self) -> object:
+        self.i = (self.i + 1) % len(self.items)
+        return self.fn(self.items[self.i])

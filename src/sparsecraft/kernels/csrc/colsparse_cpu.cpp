@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "checks.h"
 #include "expand.h"
 
 namespace {
@@ -148,10 +149,20 @@ void accumulate_bitmask(const uint64_t* mask, int64_t words, const V* vals, cons
 
 template <typename V>
 void gemv_bitmask(const uint64_t* mask, int64_t in, int64_t words, int64_t out, const V* vals, const int64_t* row_ptr,
-                  int64_t nnz_w, const float* x, const float* scale, float threshold, const float* bias, float* y) {
+                  int64_t nnz_w, const float* x, const float* scale, float threshold, const float* bias, float* y,
+                  BadRow& bad) {
   std::vector<int32_t> idx(in);
   std::vector<float> xv(in);
   const int64_t nnz = select(x, scale, in, threshold, idx.data(), xv.data());
+  // Every row about to be read must agree with row_ptr (checks.h); the rows of skipped inputs are never read.
+  const uint64_t tail = tail_bits(out);
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t j = idx[k];
+    if (!row_consistent(mask + j * words, words, tail, row_ptr[j + 1] - row_ptr[j])) {
+      bad.note(j);
+      return;
+    }
+  }
   // Same thread rule as gemv, counted in kept weights actually read.
   const int64_t read = in ? nnz_w * nnz / in : 0;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), read >> 21));
@@ -171,16 +182,20 @@ void gemv_bitmask(const uint64_t* mask, int64_t in, int64_t words, int64_t out, 
 
 // Checks x (in,) fp32 and the optional scale (in,) fp32 (empty = all ones); -> the scale pointer or null.
 const float* scale_ptr(const torch::Tensor& x, const torch::Tensor& scale, int64_t in) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.is_contiguous() && x.numel() == in, "x must be fp32 (in,)");
+  check_cpu(x, "x");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.numel() == in, "sparsecraft kernel: x must be fp32 (", in,
+              ",), got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(scale.device().is_cpu(), "sparsecraft kernel: scale must be a CPU tensor");
   TORCH_CHECK(scale.numel() == 0 || (scale.scalar_type() == torch::kFloat && scale.is_contiguous() &&
-                                     scale.numel() == in), "scale must be empty or fp32 (in,)");
+                                     scale.numel() == in), "sparsecraft kernel: scale must be empty or fp32 (", in, ",)");
   return scale.numel() ? scale.data_ptr<float>() : nullptr;
 }
 
 const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t out) {
-  if (!bias.has_value()) return nullptr;
-  TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == out,
-              "bias must be fp32 (out,)");
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == out, "sparsecraft kernel: bias must be fp32 (",
+              out, ",)");
   return bias->data_ptr<float>();
 }
 
@@ -191,25 +206,22 @@ const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t out) {
 torch::Tensor colsparse_bitmask_gemv(torch::Tensor mask, torch::Tensor values, torch::Tensor row_ptr, int64_t out,
                                      torch::Tensor x, torch::Tensor scale, double threshold,
                                      c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(mask.dim() == 2 && mask.is_contiguous() && mask.scalar_type() == torch::kLong, "mask must be int64 (in, words)");
-  TORCH_CHECK(values.is_contiguous() && (values.scalar_type() == torch::kFloat || values.scalar_type() == torch::kBFloat16),
-              "values must be contiguous fp32 or bf16");
-  TORCH_CHECK(row_ptr.is_contiguous() && row_ptr.scalar_type() == torch::kLong && row_ptr.numel() == mask.size(0) + 1,
-              "row_ptr must be int64 (in + 1,)");
+  check_bitmask(mask, values, row_ptr, out);  // W.T: rows = inputs, columns = the `out` outputs
   const int64_t in = mask.size(0), words = mask.size(1);
-  TORCH_CHECK(out <= words * 64, "out larger than the mask rows");
   const float* ps = scale_ptr(x, scale, in);
   const float* pb = bias_ptr(bias, out);
   auto y = torch::empty({out}, x.options());
   const auto* m = (const uint64_t*)mask.data_ptr<int64_t>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t nnz_w = rp[in];
+  BadRow bad;
   if (values.scalar_type() == torch::kBFloat16)
     gemv_bitmask(m, in, words, out, (const uint16_t*)values.data_ptr(), rp, nnz_w, x.data_ptr<float>(), ps,
-                 (float)threshold, pb, y.data_ptr<float>());
+                 (float)threshold, pb, y.data_ptr<float>(), bad);
   else
     gemv_bitmask(m, in, words, out, values.data_ptr<float>(), rp, nnz_w, x.data_ptr<float>(), ps, (float)threshold, pb,
-                 y.data_ptr<float>());
+                 y.data_ptr<float>(), bad);
+  report_bitmask_row(bad, mask, row_ptr, out);
   return y;
 }
 
@@ -217,7 +229,8 @@ torch::Tensor colsparse_bitmask_gemv(torch::Tensor mask, torch::Tensor values, t
 // -> y (out,) fp32 = W @ (x where |x| * scale > threshold, else 0) + bias.
 torch::Tensor colsparse_gemv(torch::Tensor wt, torch::Tensor x, torch::Tensor scale, double threshold,
                              c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(wt.dim() == 2 && wt.is_contiguous(), "wt must be a contiguous (in, out) matrix");
+  check_cpu(wt, "wt");
+  TORCH_CHECK(wt.dim() == 2, "sparsecraft kernel: wt must be an (in, out) matrix, got shape ", wt.sizes());
   TORCH_CHECK(wt.scalar_type() == torch::kFloat || wt.scalar_type() == torch::kBFloat16, "wt must be fp32 or bf16");
   const int64_t in = wt.size(0), out = wt.size(1);
   const float* ps = scale_ptr(x, scale, in);

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparsecraft.methods.admm import ADMM
+from sparsecraft.methods.alps import ALPS
 from sparsecraft.methods.base import LayerStats, Method
 from sparsecraft.methods.dsnot import DSnoT, with_dsnot
 from sparsecraft.methods.magnitude import Magnitude
 from sparsecraft.methods.random import Random
+from sparsecraft.methods.ria import RIA
 from sparsecraft.methods.sparsegpt import SparseGPT
 from sparsecraft.methods.wanda import Wanda
 
@@ -24,6 +27,9 @@ METHODS: dict[str, type] = {
     "wanda+dsnot": with_dsnot("wanda"),
     "sparsegpt+dsnot": with_dsnot("sparsegpt"),
     "magnitude+dsnot": with_dsnot("magnitude"),
+    "ria": RIA,  # relative importance x activation norm^a (N:M channel permutation: engine/permute.py)
+    "admm": ADMM,  # ADMM weight update, gradual mask; never worse than its base (wanda) on tr(dW H dW^T)
+    "alps": ALPS,  # ADMM with a rho schedule from the base mask + PCG on the final support; never worse
 }
 
 

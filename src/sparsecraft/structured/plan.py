@@ -35,10 +35,14 @@ def dense_sizes(model: nn.Module, spec: ArchSpec) -> Sizes:
     return Sizes(mlp=ffn_width(cfg, spec), heads=groups, hidden=int(cfg.hidden_size), depth=len(blocks))
 
 
-def sizes_at(dense: Sizes, axes: tuple[str, ...], f: float) -> Sizes:
-    """Keep round(f * n) (at least 1) units of every axis in ``axes``; others stay dense."""
-    d = dense.as_dict()
-    return Sizes(**{a: max(1, round(f * n)) if a in axes else n for a, n in d.items()})
+def sizes_at(dense: Sizes, axes: tuple[str, ...], f: float, heads_per_group: int = 1) -> Sizes:
+    """Keep round(f * n) (at least 1) units of every axis in ``axes``; others stay dense. The hidden size stays a
+    multiple of the query-head count: transformers' config validators refuse anything else, even with head_dim set."""
+    d = {a: max(1, round(f * n)) if a in axes else n for a, n in dense.as_dict().items()}
+    if "hidden" in axes:
+        q = d["heads"] * heads_per_group
+        d["hidden"] = max(q, round(f * dense.hidden / q) * q)
+    return Sizes(**d)
 
 
 def sized_config(config: Any, spec: ArchSpec, sizes: Sizes, overrides: dict[str, Any] | None = None) -> Any:
@@ -77,6 +81,7 @@ def plan(model: nn.Module, spec: ArchSpec, axes: tuple[str, ...], target: float,
 
     Raises ValueError when no uniform width on ``axes`` lands within ``tolerance`` (a fraction of the dense count)."""
     dense = dense_sizes(model, spec)
+    r = model.config.num_attention_heads // kv_heads(model.config) if spec.width_ok else 1
     cache: dict[Sizes, int] = {}
 
     def params(s: Sizes) -> int:
@@ -89,11 +94,11 @@ def plan(model: nn.Module, spec: ArchSpec, axes: tuple[str, ...], target: float,
     lo, hi = 0.0, 1.0
     while hi - lo > 1e-4:  # params(sizes_at(f)) is non-decreasing in f
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if params(sizes_at(dense, axes, mid)) >= goal else (mid, hi)
-    best = min((sizes_at(dense, axes, f) for f in (lo, hi)), key=lambda s: abs(params(s) - goal))
+        lo, hi = (lo, mid) if params(sizes_at(dense, axes, mid, r)) >= goal else (mid, hi)
+    best = min((sizes_at(dense, axes, f, r) for f in (lo, hi)), key=lambda s: abs(params(s) - goal))
     if abs(params(best) - goal) > tolerance * total:
-        near = sorted({round(params(sizes_at(dense, axes, f)) / total, 3) for f in (lo, hi)})
+        near = sorted({round(params(sizes_at(dense, axes, f, r)) / total, 3) for f in (lo, hi)})
         raise ValueError(f"--params {target} is not reachable with uniform widths on axes {','.join(axes)}: the "
                          f"nearest reachable fractions are {near} (the smallest is "
-                         f"{params(sizes_at(dense, axes, 0.0)) / total:.3f}); pass one of those or add axes")
+                         f"{params(sizes_at(dense, axes, 0.0, r)) / total:.3f}); pass one of those or add axes")
     return best, params(best), total

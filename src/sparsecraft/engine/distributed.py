@@ -2,10 +2,10 @@
 
 Every rank holds the whole current block and runs ITS share of the calibration batches through it. Per target layer:
 
-- Wanda's input norms are reduced exactly: each rank keeps the per-batch contributions ``sum_t x_tj^2`` (float64),
+- Input norms (Wanda's score; the error estimate of methods without a Hessian) are reduced exactly: each rank keeps the per-batch contributions ``sum_t x_tj^2`` (float64),
   they are gathered and added in global batch order, i.e. the same float64 additions as one process makes, so the
   masks equal the single-process run bit for bit (given the same block outputs per batch).
-- Hessians (SparseGPT, and the reconstruction error every method reports) are running means per rank; they are
+- Hessians (only for methods that need one: SparseGPT) are running means per rank; they are
   reduced weighted by token counts, ``H = sum_r (n_r / N) H_r``. Float additions in another order: equal to the
   single-process Hessian within rounding, not bit for bit.
 
@@ -148,19 +148,19 @@ class _Recorder:
 
     def __init__(self, fqn: str, features: int, needs: tuple[str, ...], device: torch.device | str) -> None:
         self.fqn = fqn
-        self.contribs: list[torch.Tensor] | None = [] if "sqnorm" in needs else None
+        self.contribs: list[torch.Tensor] = []  # input norms: always (Wanda's score, everyone's error estimate)
         self.tokens = 0
-        self.hessian = Hessian(features, device)
+        self.hessian = Hessian(features, device) if "hessian" in needs else None
 
     def update(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise ValueError(f"calibration activations entering {self.fqn} contain NaN or inf; check the weights of "
                              f"the earlier layers and the dtype (try --dtype float32)")
         x2 = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        if self.contribs is not None:
-            self.contribs.append(x2.pow(2).sum(0).double().cpu())  # same expression as InputSqNorm.update
+        self.contribs.append(x2.pow(2).sum(0).double().cpu())  # same expression as InputSqNorm.update
         self.tokens += x2.shape[0]
-        self.hessian.update(x2)
+        if self.hessian is not None:
+            self.hessian.update(x2)
 
 
 @contextmanager
@@ -184,12 +184,12 @@ def reduce_stats(ctx: DistContext, module: nn.Module, rec: _Recorder, needs: tup
     collector = LayerCollector(module, rec.fqn, needs, device)
     counts = gather_objects(ctx, rec.tokens, f"token counts of {rec.fqn}")
     total = sum(counts)
-    if rec.contribs is not None:
-        assert collector.sqnorm is not None
-        parts = gather_objects(ctx, rec.contribs, f"input norms of {rec.fqn}")
-        for c in (c for part in parts for c in part):  # global batch order: rank 0's batches come first
-            collector.sqnorm.sum += c
-        collector.sqnorm.count = total
+    parts = gather_objects(ctx, rec.contribs, f"input norms of {rec.fqn}")
+    for c in (c for part in parts for c in part):  # global batch order: rank 0's batches come first
+        collector.sqnorm.sum += c
+    collector.sqnorm.count = total
+    if rec.hessian is None:
+        return collector
     H = rec.hessian.H.double().mul_(rec.tokens / total if total else 0.0).to(ctx.comm_device)
     collective(ctx, f"Hessian of {rec.fqn}", lambda: dist.all_reduce(H))
     assert collector.hessian is not None

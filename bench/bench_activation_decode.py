@@ -22,7 +22,7 @@ from bench_decode import PROMPT, race  # noqa: E402
 
 from sparsecraft import data  # noqa: E402
 from sparsecraft.activation import attach, calibrate, measure  # noqa: E402
-from sparsecraft.activation.fast import swap_linears_  # noqa: E402
+from sparsecraft.modules import swap_linears_  # noqa: E402
 from sparsecraft.models import load_model  # noqa: E402
 
 

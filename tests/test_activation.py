@@ -137,7 +137,7 @@ def test_bad_inputs_say_how_to_fix(calib: torch.Tensor) -> None:
 
 
 def test_swapped_linears_match_hooks_and_restore_exactly(calib: torch.Tensor) -> None:
-    from sparsecraft.activation.fast import ThresholdedLinear, restore_linears_, swap_linears_
+    from sparsecraft.modules import ThresholdedLinear, restore_linears_, swap_linears_
 
     model = tiny_model("llama")
     specs = calibrate(measure(model, calib), 0.5, "wina")
@@ -171,7 +171,7 @@ def test_composes_with_weight_pruning(calib: torch.Tensor) -> None:
     assert all(torch.equal(model.get_submodule(f).weight, w) for f, w in weights.items())
     assert all(torch.equal(specs[f].scale, weights[f].float().norm(dim=0)) for f in weights)
 
-    from sparsecraft.activation.fast import ThresholdedLinear, restore_linears_, swap_linears_
+    from sparsecraft.modules import ThresholdedLinear, restore_linears_, swap_linears_
 
     with torch.no_grad(), attach(model, specs):
         one = model(input_ids=calib[:1, :1]).logits  # one token: the joint kernel after the swap

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from moe_models import MOE_ARCHS, VOCAB, tiny_moe
+from test_moe_models import MOE_ARCHS, VOCAB, tiny_moe
 from sparsecraft.api import prune
 from sparsecraft.engine.hooks import hook_count
 from sparsecraft.moe import MoEPruneResult, UnfusedExperts, find_fused_experts, unfused_experts

@@ -5,14 +5,8 @@ import torch
 from torch import nn
 
 from sparsecraft.patterns import NM, Block, Unstructured, topk_mask
-from sparsecraft.sparse_linear import (
-    DENSE_MIN_TOKENS,
-    SparseLinear,
-    load_packed_model_,
-    save_packed_model,
-    sparsify_model_,
-    use_dense_path,
-)
+from sparsecraft.checkpoint import load_packed_model_, save_packed
+from sparsecraft.modules import DENSE_MIN_TOKENS, SparseLinear, sparsify_model_, use_dense_path
 
 CASES = [(Unstructured(), 0.5), (Unstructured(), 0.9), (NM(2, 4), None), (NM(4, 8), None), (Block(4, 8), 0.5)]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: {}}
@@ -61,7 +55,7 @@ def test_prefill_rule_and_both_paths_agree():
     assert f"prefill=dense tiles from {start} tokens" in repr(sparse)
     x = torch.randn(start, 64)
     calls = []
-    import sparsecraft.sparse_linear as sl
+    import sparsecraft.modules.sparse_linear as sl
 
     original = sl.dense_tiles_linear
     sl.dense_tiles_linear = lambda *a: calls.append(1) or original(*a)
@@ -107,7 +101,7 @@ def test_sparsify_save_and_reload_bit_exact(pattern, tmp_path):
     assert torch.equal(model.block[0].dense_weight(), dense_ref["block.0"])
     ids = torch.randint(0, 50, (1, 7))
     out = model(ids)
-    save_packed_model(model, str(tmp_path / "m.safetensors"))
+    save_packed(model, {}, None, tmp_path / "m.safetensors")
     fresh = _Tiny()
     info = load_packed_model_(fresh, str(tmp_path / "m.safetensors"))
     assert info["sparse"] == ["block.0", "block.2"] and info["missing"] == []

@@ -1,15 +1,22 @@
-"""Pruned checkpoints: a Hugging Face folder that loads as is, the keep-masks, and the same weights sparse on disk.
+"""Pruned checkpoints: the keep-masks, and the pruned weights sparse on disk (one writer, one reader).
 
 Packed file (``sparse/model.safetensors``): every pruned weight ``W`` of module ``fqn`` is stored as the tensors of
 its packed format (see docs/formats.md) under ``"{fqn}.weight@{name}"``; every other state-dict entry is stored
 dense under its own key. The safetensors metadata ``sparsecraft`` holds JSON: which weights are packed, which were
 transposed to (out, in) first (GPT-2 Conv1D) and which keys alias a tied tensor.
+
+- ``save_packed(model, masks, pattern, path)`` writes it from a dense model and its masks, or from a model whose
+  pruned layers are already ``SparseLinear`` (``masks`` may then be empty): straight from the kernel layout.
+- ``load_packed_model_(model, path)`` loads it into a model of the same architecture, building each ``SparseLinear``
+  from the packed tensors (no dense copy of a pruned weight); every tensor is checked against the model first.
+- ``load_packed_state_dict(path)`` reads it back to a dense state dict, bit-exactly (inspect, tests).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,6 +26,7 @@ from torch import nn
 from sparsecraft import formats
 from sparsecraft.engine.blocks import is_conv1d
 from sparsecraft.io import atomic_save_tensors
+from sparsecraft.modules import SparseLinear, swap_module_
 from sparsecraft.patterns import Pattern
 
 PACKED_FILE = "model.safetensors"
@@ -35,54 +43,167 @@ def load_masks(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"cannot read masks from {path} ({e}); the file is missing or corrupt") from None
 
 
-def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern, path: Path) -> dict[str, int]:
-    """Write the packed checkpoint; return {"dense_bytes", "packed_bytes"} of the pruned weights alone."""
+def _tensor_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+
+
+def packed_tensors(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern | None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]:
+    """-> (tensors, metadata, {"dense_bytes", "packed_bytes"} of the pruned weights alone)."""
     modules = dict(model.named_modules())
+    sparse = {fqn: m for fqn, m in modules.items() if isinstance(m, SparseLinear)}
     tensors: dict[str, torch.Tensor] = {}
-    meta = {"packed": {}, "aliases": {}, "pattern": str(pattern)}
-    seen: dict[int, str] = {}
-    dense_bytes = packed_bytes = 0
+    meta: dict[str, Any] = {"packed": {}, "aliases": {}, "pattern": None if pattern is None else str(pattern)}
+    sizes = {"dense_bytes": 0, "packed_bytes": 0}
+
+    def put_packed(key: str, packed: formats.AnyPacked, transposed: bool, dense_bytes: int) -> None:
+        for name, t in packed.tensors().items():
+            tensors[f"{key}@{name}"] = t.contiguous()
+        meta["packed"][key] = {"transposed": transposed}
+        meta["pattern"] = meta["pattern"] or str(formats.pattern_of(packed))
+        sizes["dense_bytes"] += dense_bytes
+        sizes["packed_bytes"] += packed.nbytes
+
+    for fqn, module in sparse.items():
+        put_packed(f"{fqn}.weight", module.packed(), False,
+                   module.in_features * module.out_features * module.values.element_size())
+        if module.bias is not None:
+            tensors[f"{fqn}.bias"] = module.bias.detach().cpu().contiguous()
+    skip = tuple(f"{fqn}." for fqn in sparse)
+    seen: dict[tuple, str] = {}
     for key, value in model.state_dict().items():
-        ptr = value.data_ptr()
-        if ptr in seen and value.numel() > 0:  # tied weights (e.g. embeddings and LM head) are stored once
-            meta["aliases"][key] = seen[ptr]
+        if key.startswith(skip):
             continue
-        seen[ptr] = key
+        ident = _tensor_key(value)
+        if ident in seen and value.numel() > 0:  # tied weights (e.g. embeddings and LM head) are stored once
+            meta["aliases"][key] = seen[ident]
+            continue
+        seen[ident] = key
         fqn = key.removesuffix(".weight")
         if key.endswith(".weight") and fqn in masks:
             transposed = is_conv1d(modules[fqn])
-            w = value.T if transposed else value
-            keep = masks[fqn].T if transposed else masks[fqn]
-            packed = formats.pack(w, keep, pattern)
-            for name, t in packed.tensors().items():
-                tensors[f"{key}@{name}"] = t
-            meta["packed"][key] = {"transposed": transposed}
-            dense_bytes += value.numel() * value.element_size()
-            packed_bytes += packed.nbytes
+            w = value.detach().cpu()
+            keep = masks[fqn].cpu()
+            packed = formats.pack(w.T if transposed else w, keep.T if transposed else keep, pattern)
+            put_packed(key, packed, transposed, value.numel() * value.element_size())
         else:
-            tensors[key] = value.detach().cpu()
-    atomic_save_tensors(tensors, path, metadata={"sparsecraft": json.dumps(meta)})
-    return {"dense_bytes": dense_bytes, "packed_bytes": packed_bytes}
+            tensors[key] = value.detach().cpu().contiguous()
+    return tensors, meta, sizes
+
+
+def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern | None, path: Path
+                ) -> dict[str, int]:
+    """Write the packed checkpoint atomically; return {"dense_bytes", "packed_bytes"} of the pruned weights."""
+    tensors, meta, sizes = packed_tensors(model, masks, pattern)
+    atomic_save_tensors(tensors, Path(path), metadata={"sparsecraft": json.dumps(meta)})
+    return sizes
+
+
+def _file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / PACKED_FILE if path.is_dir() else path
+
+
+def read_packed_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (raw tensors, validated metadata) of a packed checkpoint file (or a folder holding one)."""
+    path = _file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("sparsecraft")
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"cannot read packed checkpoint {path} ({e}); the file is missing or corrupt") from None
+    if text is None:
+        raise ValueError(f"{path} is not a sparsecraft packed checkpoint (no 'sparsecraft' metadata)")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        meta = None
+    packed, aliases = (meta.get("packed"), meta.get("aliases")) if isinstance(meta, dict) else (None, None)
+    if not (isinstance(packed, dict) and isinstance(aliases, dict)
+            and all(isinstance(v, dict) and isinstance(v.get("transposed", False), bool) for v in packed.values())
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
+        raise ValueError(f"{path}: the 'sparsecraft' metadata is malformed (needs 'packed' and 'aliases' maps); "
+                         f"the file is corrupt or was not written by sparsecraft")
+    stray = sorted(k for k in raw if "@" in k and k.split("@", 1)[0] not in packed)
+    if stray:
+        raise ValueError(f"{path}: tensors {stray[:3]} belong to no packed weight of the metadata; the file is corrupt")
+    for key, target in aliases.items():
+        if target not in raw and target not in packed:
+            raise ValueError(f"{path}: alias {key} -> {target} points to no stored tensor; the file is corrupt")
+    return raw, meta
+
+
+def _parts(raw: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    return {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(key + "@")}
 
 
 def load_packed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a packed checkpoint back to a dense state dict, bit-exactly."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PACKED_FILE
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("sparsecraft", "null"))
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"cannot read packed checkpoint {path} ({e}); the file is missing or corrupt") from None
-    if meta is None:
-        raise ValueError(f"{path} is not a sparsecraft packed checkpoint (no 'sparsecraft' metadata)")
+    """Read a packed checkpoint back to a dense state dict, bit-exactly, every packed weight validated."""
+    raw, meta = read_packed_file(path)
     state = {k: v for k, v in raw.items() if "@" not in k}
     for key, info in meta["packed"].items():
-        parts = {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(key + "@")}
-        dense = formats.from_tensors(parts).to_dense()
-        state[key] = dense.T.contiguous() if info["transposed"] else dense
+        dense = formats.from_tensors(_parts(raw, key), key).to_dense()
+        state[key] = dense.T.contiguous() if info.get("transposed") else dense
     for key, target in meta["aliases"].items():
         state[key] = state[target]
     return state
+
+
+def load_packed_model_(model: nn.Module, path: str | Path, layout: str = "auto") -> dict[str, list[str]]:
+    """Load a packed checkpoint into a model of the same architecture, in place: each packed ``nn.Linear`` becomes a
+    ``SparseLinear`` built from the packed tensors (validated against the model's weight shape; no dense copy), the
+    other weights are copied in. Bit-exact. Every tensor is checked before the model is touched: a key the model
+    lacks, a shape or dtype that differs, or a layout the kernels cannot trust is a ValueError naming it.
+
+    Returns {"sparse": fqns now SparseLinear, "dense": packed weights loaded dense (e.g. GPT-2 Conv1D),
+    "missing": model keys the file did not provide}."""
+    raw, meta = read_packed_file(path)
+    modules = dict(model.named_modules())
+    expected = model.state_dict()
+    state = {k: v for k, v in raw.items() if "@" not in k}
+    swaps: dict[str, SparseLinear] = {}
+    result: dict[str, list[str]] = {"sparse": [], "dense": [], "missing": []}
+    for key, info in sorted(meta["packed"].items()):
+        fqn = key.removesuffix(".weight")
+        module = modules.get(fqn)
+        if module is None or key not in expected and not isinstance(module, SparseLinear):
+            raise ValueError(f"{_file(path)}: packed weight {key} names no weight of this model; same architecture?")
+        transposed = bool(info.get("transposed"))
+        if isinstance(module, SparseLinear):
+            shape = (module.out_features, module.in_features)
+        else:
+            w = expected[key]
+            shape = tuple(w.T.shape if transposed else w.shape)
+        packed = formats.from_tensors(_parts(raw, key), key, shape)
+        if isinstance(module, (nn.Linear, SparseLinear)) and not transposed:
+            bias = state.pop(f"{fqn}.bias", None)
+            want_bias = module.bias is not None
+            if (bias is not None) != want_bias or bias is not None and tuple(bias.shape) != (shape[0],):
+                raise ValueError(f"{_file(path)}: {fqn}.bias does not match the model's layer (bias "
+                                 f"{'expected' if want_bias else 'not expected'}, shape {shape[0]}); same architecture?")
+            swaps[fqn] = SparseLinear.from_packed(packed, bias, layout)
+            result["sparse"].append(fqn)
+        else:
+            dense = packed.to_dense()
+            state[key] = dense.T.contiguous() if transposed else dense
+            result["dense"].append(fqn)
+    for key, target in meta["aliases"].items():
+        if target in state:
+            state[key] = state[target]
+    prefixes = tuple(f"{fqn}." for fqn in swaps)
+    for key, t in state.items():
+        if key.startswith(prefixes) or key not in expected:
+            raise ValueError(f"{_file(path)}: tensor {key} is not a weight of this model (after packing); "
+                             f"same architecture?")
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{_file(path)}: {key} has shape {tuple(t.shape)} but the model expects "
+                             f"{tuple(expected[key].shape)}; same architecture?")
+        if t.is_floating_point() != expected[key].is_floating_point():
+            raise ValueError(f"{_file(path)}: {key} has dtype {t.dtype}, the model {expected[key].dtype}")
+    for fqn, new in swaps.items():
+        swap_module_(model, fqn, new)
+    loaded = model.load_state_dict(state, strict=False)
+    swapped = tuple(f"{fqn}." for fqn in swaps)
+    result["missing"] = [k for k in loaded.missing_keys if not k.startswith(swapped)]
+    return result

@@ -2,11 +2,12 @@
 
     from sparsecraft.attention import compress
     with compress(model, method="snapkv", budget=0.25) as press:
-        model.generate(**inputs, past_key_values=press.cache())
+        model.generate(**inputs, cache=press.cache())
 """
 
 from sparsecraft.attention.cache import CompressedCache, KVLayer
 from sparsecraft.attention.presses import PRESSES, KVConfig
-from sparsecraft.attention.wrap import KVPress, compress
+from sparsecraft.attention.blocksparse import BlockSparseConfig
+from sparsecraft.attention.wrap import KVPress, block_sparse, compress
 
-__all__ = ["PRESSES", "CompressedCache", "KVConfig", "KVLayer", "KVPress", "compress"]
+__all__ = ["PRESSES", "BlockSparseConfig", "block_sparse", "CompressedCache", "KVConfig", "KVLayer", "KVPress", "compress"]

@@ -38,7 +38,7 @@ class KVLayer(DynamicLayer):
         if self.seen and not self.pressed:
             raise ValueError("this compressed KV cache was used without its attention function; run the model "
                              "inside `with sparsecraft.attention.compress(model, ...) as press:` and pass "
-                             "past_key_values=press.cache()")
+                             "cache=press.cache()")
         keys, values = super().update(key_states, value_states)
         B, H, q, _ = key_states.shape
         new = torch.arange(self.seen, self.seen + q, device=keys.device).expand(B, H, q)

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from sparsecraft.attention.blocksparse import BlockSparseConfig, prefill_attention
 from sparsecraft.attention.cache import LAYER_KWARG, CompressedCache, KVLayer
 from sparsecraft.attention.presses import KVConfig
 
@@ -86,11 +87,11 @@ def _n_layers(model: nn.Module) -> int:
 
 @contextmanager
 def compress(model: nn.Module, method: str = "snapkv", budget: float = 0.25, **options: Any) -> Iterator[KVPress]:
-    """Inside the block, ``model.generate(..., past_key_values=press.cache())`` (or a forward with that cache)
+    """Inside the block, ``model.generate(..., cache=press.cache())`` (or a forward with that cache)
     compresses every prompt to ``budget`` with ``method``. The model's attention implementation is restored on exit.
 
         with sparsecraft.attention.compress(model, method="snapkv", budget=0.25) as press:
-            out = model.generate(**inputs, past_key_values=press.cache(), max_new_tokens=64)
+            out = model.generate(**inputs, cache=press.cache(), max_new_tokens=64)
     """
     kv = KVPress(KVConfig(method=method, budget=budget, **options), _n_layers(model))
     before = model.config._attn_implementation
@@ -101,5 +102,43 @@ def compress(model: nn.Module, method: str = "snapkv", budget: float = 0.25, **o
     model.set_attn_implementation(attention_name(inner))
     try:
         yield kv
+    finally:
+        model.set_attn_implementation(before)
+
+
+def make_block_attention(cfg: BlockSparseConfig):
+    """sdpa, except a long unpadded causal prefill (no mask, as many queries as keys, >= cfg.min_tokens), which runs
+    block-sparse; decoding and short or padded inputs stay dense."""
+    kernel = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        kwargs.pop(LAYER_KWARG, None)
+        n = query.shape[2]
+        if attention_mask is not None or n != key.shape[2] or n < cfg.min_tokens:
+            return kernel(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        out = prefill_attention(query, key, value, cfg, scaling)  # (B, Hq, n, D)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@contextmanager
+def block_sparse(model: nn.Module, block: int = 64, density: float = 0.1, min_tokens: int = 2048) -> Iterator[
+        BlockSparseConfig]:
+    """Inside the block, long prefills of ``model`` (sdpa models) attend block-sparsely; restored on exit."""
+    cfg = BlockSparseConfig(block, density, min_tokens)
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        raise ValueError(f"block-sparse prefill wraps 'sdpa' attention, the model uses {before!r}; call "
+                         f"model.set_attn_implementation('sdpa') first")
+    name = f"sparsecraft_blocksparse_{cfg.block}_{cfg.density}_{cfg.min_tokens}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, make_block_attention(cfg))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(name)
+    try:
+        yield cfg
     finally:
         model.set_attn_implementation(before)

@@ -5,11 +5,17 @@ or the checkpoint's own masks), time the dense ``F.linear`` and the packed ``Spa
 size, interleaved in the same run; print who wins and by how much, per layer shape and for the whole model (each
 shape weighted by how often it occurs), and save a plot and the numbers. Batch sizes at or above a layer's prefill
 threshold also time what ``SparseLinear`` really runs there (dense tiles instead of the kernel) and say so.
+
+Timed as decoding runs: a decode step reads every weight from memory once, so each side cycles through enough
+distinct copies of the layer to exceed twice the last-level cache (``--hot`` times one copy hot in cache instead).
+The winner column, the whole-model verdict and the "kernel lost from N tokens" line that checks the prefill rule all
+come from that measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsecraft.kernels import load_kernels
-from sparsecraft.kernels.measure import time_interleaved
+from sparsecraft.kernels import current_isa, isa_scope, load_kernels, sparse_linear
+from sparsecraft.kernels.measure import Cycle, copies_to_stream, tensor_bytes, time_interleaved
 from sparsecraft.commands.pack import load_model_only
 from sparsecraft.models import parse_dtype
 from sparsecraft.patterns import NM, parse_pattern, topk_mask
@@ -38,6 +44,7 @@ class Result:
     sparse_ms: float  # what SparseLinear runs at this batch: the kernel, or dense tiles from its prefill threshold
     path: str = "kernel"  # "kernel" | "dense tiles"
     kernel_ms: float = 0.0  # the sparse kernel itself (same as sparse_ms on the kernel path)
+    copies: int = 1  # distinct copies cycled per side (> 1: each call streams its weight from memory, as decode does)
 
     @property
     def speedup(self) -> float:
@@ -55,6 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per point (default 7)")
+    p.add_argument("--hot", action="store_true",
+                   help="time one copy of each layer again and again, hot in cache (default: cycle through enough "
+                        "copies that every call streams its weight from memory, as a decode step does)")
+    p.add_argument("--isa", default=None, help="kernel ISA: avx512 | avx2 | ref (default: this CPU's best)")
     p.add_argument("--output", default="bench_out", help="folder for bench.png and bench.json (default bench_out)")
     p.set_defaults(func=run)
 
@@ -96,25 +107,46 @@ def layer_shapes(model: nn.Module) -> dict[tuple[int, int], list[str]]:
 
 
 def measure(linear: nn.Linear, keep: torch.Tensor, pattern, label: str, count: int, batches: list[int],
-            rounds: int) -> list[Result]:
+            rounds: int, stream: bool = True) -> list[Result]:
+    """Dense vs sparse at each batch. With ``stream`` (the default) every call reads its weight from memory, as a
+    decode step does (each token reads every weight once): both sides cycle through enough distinct copies of the
+    layer to exceed twice the last-level cache. Without it, one copy is called again and again, hot in cache,
+    which flatters whichever side fits in cache and says nothing about decoding."""
     ruled = SparseLinear.from_dense(linear, keep, pattern)  # its own prefill rule
-    kernel = SparseLinear(ruled.layout, None, ruled.pattern)
-    kernel.dense_min_tokens = 10**9  # the sparse kernel itself at every batch
     w = torch.where(keep, linear.weight.detach(), torch.zeros((), dtype=linear.weight.dtype))
+    n = copies_to_stream(min(tensor_bytes(w), ruled.nbytes)) if stream else 1
+    modules = [ruled] + [copy.deepcopy(ruled) for _ in range(n - 1)]
+    weights = [w] + [w.clone() for _ in range(n - 1)]
     start = ruled.dense_from_tokens()
     results = []
     for b in batches:
         x = torch.randn(b, linear.in_features).to(w.dtype)
-        fns = {"dense": lambda: torch.nn.functional.linear(x, w), "kernel": lambda: kernel(x)}
+        fns = {"dense": Cycle(lambda wi: torch.nn.functional.linear(x, wi), weights),
+               "kernel": Cycle(lambda m: sparse_linear(m.layout, x, m.bias), modules)}  # the kernel at any batch
         tiles = start is not None and b >= start
         if tiles:
-            fns["module"] = lambda: ruled(x)
-        t = time_interleaved(fns, rounds)
+            fns["module"] = Cycle(lambda m: m(x), modules)
+        t = time_interleaved(fns, rounds, calls=max(3, n))
         shape = f"{linear.out_features}x{linear.in_features}"
         sparse = t["module"] if tiles else t["kernel"]
         results.append(Result(shape, count, label, ruled.kind, b, 1e3 * t["dense"], 1e3 * sparse,
-                               "dense tiles" if tiles else "kernel", 1e3 * t["kernel"]))
+                               "dense tiles" if tiles else "kernel", 1e3 * t["kernel"], n))
     return results
+
+
+def measured_prefill(results: list[Result]) -> dict[tuple[str, str], tuple[int | None, int | None]]:
+    """(shape, format) -> (the module's rule: dense tiles from this many tokens, the smallest batch measured here at
+    which the sparse kernel loses to dense; None = never / not within the batches tried)."""
+    out: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+    for r in results:
+        key = (r.shape, r.fmt)
+        rule, lost = out.get(key, (None, None))
+        if r.path == "dense tiles" and (rule is None or r.batch < rule):
+            rule = r.batch
+        if r.dense_ms < r.kernel_ms and (lost is None or r.batch < lost):
+            lost = r.batch
+        out[key] = (rule, lost)
+    return out
 
 
 def print_table(results: list[Result]) -> None:
@@ -125,6 +157,11 @@ def print_table(results: list[Result]) -> None:
         note = f"  (kernel alone {r.dense_ms / r.kernel_ms:.2f}x)" if r.path != "kernel" else ""
         print(f"{r.shape:>11} {r.count:>3} {r.fmt:>7} {r.layout:>7} {r.batch:>3} {r.dense_ms:9.3f} {r.sparse_ms:9.3f} "
               f"{r.path:>11}  {win}{note}")
+    print("\nprefill rule vs this measurement (first batch at which the kernel lost to dense):")
+    for (shape, fmt), (rule, lost) in measured_prefill(results).items():
+        rule_text = f"dense tiles from {rule} tokens" if rule is not None else "kernel at every batch tried"
+        lost_text = f"{lost} tokens" if lost is not None else "never, within the batches tried"
+        print(f"  {shape:>11} {fmt:>7}: rule {rule_text}; kernel lost from {lost_text}")
     print("\nwhole model (every Linear, weighted by count):")
     for fmt in dict.fromkeys(r.fmt for r in results):
         for b in dict.fromkeys(r.batch for r in results):
@@ -165,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if load_kernels() is None:
+    isa = current_isa(args.isa)
+    if load_kernels(isa) is None:
         print("warning: compiled kernels unavailable here; sparse timings are the slow plain-torch reference")
     model = load_model_only(args.model, dtype)
     folder = Path(args.model)
@@ -175,19 +213,20 @@ def run(args: argparse.Namespace) -> int:
 
         masks = load_masks(folder / "masks.safetensors")
     results: list[Result] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), isa_scope(isa):
         for shape, fqns in layer_shapes(model).items():
             linear = model.get_submodule(fqns[0])
             for label, pattern, sparsity in formats:
                 if isinstance(pattern, NM) and shape[1] % pattern.m:
                     continue  # N:M needs in_features divisible by m
                 keep = topk_mask(linear.weight.detach().float().abs(), sparsity, pattern)
-                results += measure(linear, keep, pattern, label, len(fqns), batches, args.rounds)
+                results += measure(linear, keep, pattern, label, len(fqns), batches, args.rounds, not args.hot)
             masked = [f for f in fqns if f in masks]
             if masked:
                 results += measure(model.get_submodule(masked[0]), masks[masked[0]], "unstructured", "ckpt",
-                                   len(masked), batches, args.rounds)
-    print(f"threads={torch.get_num_threads()} dtype={args.dtype}")
+                                   len(masked), batches, args.rounds, not args.hot)
+    timing = "hot in cache (--hot)" if args.hot else "each call streams its weight from memory, as decode does"
+    print(f"threads={torch.get_num_threads()} dtype={args.dtype} isa={isa} timing: {timing}")
     print_table(results)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 The input is a Hugging Face checkpoint folder with ``masks.safetensors`` (torch.bool keep-masks keyed by module
 fqn) and ``plan.json`` (at least {"pattern": "2:4"}), as written by ``sparsecraft prune`` or ``train``. The output
 folder gets ``model.safetensors`` in the packed layout (docs/formats.md, readable by
-``sparsecraft.checkpoint.load_packed_state_dict`` and ``sparsecraft.sparse_linear.load_packed_model_``), plus the
+``sparsecraft.checkpoint.load_packed_state_dict`` and ``sparsecraft.checkpoint.load_packed_model_``), plus the
 config, tokenizer and plan files.
 """
 

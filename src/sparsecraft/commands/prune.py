@@ -23,6 +23,7 @@ from sparsecraft.api import allocate, prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.commands.options import add_config_arguments, add_output_arguments, config_from_args
 from sparsecraft.config import RunConfig, read_settings
+from sparsecraft.engine.reconstruct import block_reconstruction_hook
 from sparsecraft.engine.resume import ResumeState, content_fingerprint, text_digest
 from sparsecraft.io import MARKER, StagedOutput, atomic_write_text, check_output
 from sparsecraft.memory import PeakMemory
@@ -71,12 +72,11 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
 
-def after_prune_hook(cfg: RunConfig):
+def after_prune_hook(model, cfg: RunConfig, device, log: dict):
+    """Block reconstruction after each block's layer-wise solve (``--reconstruct-steps N``), or nothing."""
     if cfg.reconstruct_steps <= 0:
         return None
-    from sparsecraft.engine.reconstruct import block_reconstruction_hook
-
-    return block_reconstruction_hook(cfg.reconstruct_steps)
+    return block_reconstruction_hook(model, cfg.reconstruct_steps, device=device, log=log)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,16 +110,17 @@ def run(args: argparse.Namespace) -> int:
             else None
     if "layer_sparsity" not in state.extras:
         state.extras["layer_sparsity"] = layer_sparsity_of(model, cfg, calib)
+    reconstruction: dict[int, dict[str, float]] = {}
     with PeakMemory() as memory:
         result = prune(model, cfg.method, cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity,
                        cfg.pattern, calib, layer_sparsity=state.extras["layer_sparsity"] or None,
                        include=cfg.include or None, exclude=cfg.exclude or None, method_options=cfg.method_options,
                        device=device, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, resume=state,
-                       after_prune=after_prune_hook(cfg))
+                       after_prune=after_prune_hook(model, cfg, device, reconstruction))
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None
     with StagedOutput(out) as stage:
         numbers = write_outputs(model, tok, result, cfg, stage.path, state.extras["dense_ppl"], sparse_ppl, t_start,
-                                memory)
+                                memory, reconstruction)
     shutil.rmtree(work, ignore_errors=True)
     print(report.terminal_table(numbers))
     log.info("wrote %s/ (Hugging Face checkpoint, masks.safetensors, sparse/%s, report.md)", args.output, PACKED_FILE)
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_outputs(model, tok, result, cfg: RunConfig, staging: Path, dense_ppl, sparse_ppl, t_start: float,
-                  memory: PeakMemory) -> dict:
+                  memory: PeakMemory, reconstruction: dict[int, dict[str, float]] | None = None) -> dict:
     """Everything into the staging folder; report.json comes last."""
     (staging / "sparse").mkdir(parents=True, exist_ok=True)
     model.save_pretrained(staging)
@@ -154,6 +155,8 @@ def write_outputs(model, tok, result, cfg: RunConfig, staging: Path, dense_ppl, 
         "prune_memory_bytes": {"peak_rss": memory.peak_rss, "added_rss": memory.added_rss,
                                "peak_cuda": memory.peak_cuda},
     }
+    if reconstruction:  # block output error (relative) before and after the block reconstruction, per block
+        numbers["reconstruction"] = {str(i): v for i, v in sorted(reconstruction.items())}
     full = report.build(result, cfg.to_dict(), numbers)
     images = report.plots(full, staging / "plots")
     atomic_write_text(staging / "report.md", report.markdown(full, images))

@@ -98,3 +98,19 @@ def _train(block: nn.Module, inputs: list[BlockCall], dense_outputs: list[torch.
             with torch.no_grad():
                 for fqn, p in params.items():
                     p.mul_(keeps[fqn])  # and stay exactly zero
+
+
+def block_reconstruction_hook(model: nn.Module, steps: int, lr: float = 1e-4,
+                              device: torch.device | str = "cpu", log: dict[int, dict[str, float]] | None = None):
+    """An ``after_prune`` hook for the one-shot loop (``sparsecraft.prune(..., after_prune=...)``): after each block
+    is pruned, ``reconstruct_block_`` its kept weights for ``steps`` steps. ``log`` (optional) receives
+    {block index: {"before", "after", "steps"}}."""
+
+    def hook(index: int, block: nn.Module, calls: list[BlockCall], dense_outputs: list[torch.Tensor],
+             masks: dict[str, torch.Tensor]) -> None:
+        targets = {fqn: model.get_submodule(fqn) for fqn in masks}
+        stats = reconstruct_block_(block, calls, targets, masks, dense_outputs, steps, lr, device)
+        if log is not None:
+            log[index] = stats
+
+    return hook

@@ -1,8 +1,13 @@
-"""Packed sparse weight formats: exact, pure tensor code, safetensors-serializable.
+"""Packed on-disk formats for pruned weights, their validation, and their direct conversion to kernel layouts.
 
-``pack(weight, keep, pattern)`` -> a ``Packed`` object; ``from_tensors(packed.tensors())`` rebuilds it.
-Formats: values + bitmask (unstructured), packed values + slot positions (N:M), kept tiles + tile bitmask
-(block). See docs/formats.md for the byte layouts.
+Each format stores a weight (out, in) and its keep-mask exactly: values + bitmask (unstructured), values + slot
+positions (N:M), kept tiles + tile bitmask (block). See docs/formats.md for the byte layouts.
+
+- ``pack(weight, keep, pattern)`` / ``from_kept(keep, values, pattern)`` build one; ``.tensors()`` is what a file
+  holds; ``from_tensors(d, name, expected)`` reads it back and refuses anything inconsistent with one ValueError
+  naming the tensor.
+- ``packed.to_layout(kind)`` gives the kernel layout and ``from_layout(layout, pattern)`` the format back, neither
+  through the dense weight.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import torch
 
 from sparsecraft.formats.bitmask import NAME as BITMASK
 from sparsecraft.formats.bitmask import BitmaskPacked
-from sparsecraft.formats.bits import decode_name
+from sparsecraft.formats.bits import decode_name, fail
 from sparsecraft.formats.block import NAME as BLOCK
 from sparsecraft.formats.block import BlockPacked
 from sparsecraft.formats.nm import NAME as NMNAME
 from sparsecraft.formats.nm import NMPacked
+from sparsecraft.kernels.layout import BitmaskLayout, Layout, layout_keep, layout_mask_bytes, layout_values
 from sparsecraft.patterns import NM, Block, Pattern, Unstructured, check_shape, parse_pattern
 
 
@@ -30,6 +36,10 @@ class Packed(Protocol):
 
     def keep(self) -> torch.Tensor: ...
 
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def to_layout(self, kind: str = "auto") -> Layout: ...
+
     def tensors(self) -> dict[str, torch.Tensor]: ...
 
     @property
@@ -40,34 +50,62 @@ AnyPacked = Union[BitmaskPacked, NMPacked, BlockPacked]
 _READERS = {BITMASK: BitmaskPacked.from_tensors, NMNAME: NMPacked.from_tensors, BLOCK: BlockPacked.from_tensors}
 
 
-def pack(weight: torch.Tensor, keep: torch.Tensor, pattern: Pattern | str = Unstructured()) -> AnyPacked:
-    """weight (out, in), keep (out, in) bool -> the packed format of ``pattern``; weights where keep is False
-    are dropped (they unpack as 0). Pure: the inputs are not modified."""
-    pattern = parse_pattern(pattern)
-    if weight.dim() != 2 or keep.shape != weight.shape:
+def _check_pair(weight_or_keep_shape: tuple[int, ...], keep: torch.Tensor) -> None:
+    if len(weight_or_keep_shape) != 2 or tuple(keep.shape) != tuple(weight_or_keep_shape):
         raise ValueError(
             f"pack needs a 2-D weight (out, in) and a keep mask of the same shape; got weight "
-            f"{tuple(weight.shape)} and keep {tuple(keep.shape)}"
+            f"{tuple(weight_or_keep_shape)} and keep {tuple(keep.shape)}"
         )
     if keep.dtype != torch.bool:
         raise ValueError(f"keep must be a torch.bool mask (True = keep), got {keep.dtype}; use keep.bool()")
-    check_shape(tuple(weight.shape), pattern)
-    w, k = weight.detach().cpu().contiguous(), keep.cpu().contiguous()
+
+
+def from_kept(keep: torch.Tensor, values: torch.Tensor, pattern: Pattern | str = Unstructured()) -> AnyPacked:
+    """keep (out, in) bool and its kept values (nnz,) in row-major order -> the packed format of ``pattern``."""
+    pattern = parse_pattern(pattern)
+    _check_pair(tuple(keep.shape), keep)
+    check_shape(tuple(keep.shape), pattern)
+    k, v = keep.cpu().contiguous(), values.detach().cpu().reshape(-1).contiguous()
+    if v.numel() != int(k.sum()):
+        raise ValueError(f"keep marks {int(k.sum())} weights but {v.numel()} values were given")
     if isinstance(pattern, NM):
-        return NMPacked.pack(w, k, pattern)
+        return NMPacked.from_kept(k, v, pattern)
     if isinstance(pattern, Block):
-        return BlockPacked.pack(w, k, pattern)
-    return BitmaskPacked.pack(w, k)
+        return BlockPacked.from_kept(k, v, pattern)
+    return BitmaskPacked.from_kept(k, v)
 
 
-def from_tensors(d: dict[str, torch.Tensor]) -> AnyPacked:
-    """Rebuild a packed weight from ``Packed.tensors()`` (e.g. read back from safetensors)."""
+def pack(weight: torch.Tensor, keep: torch.Tensor, pattern: Pattern | str = Unstructured()) -> AnyPacked:
+    """weight (out, in), keep (out, in) bool -> the packed format of ``pattern``; weights where keep is False
+    are dropped (they unpack as 0). Pure: the inputs are not modified."""
+    _check_pair(tuple(weight.shape), keep)
+    w = weight.detach().cpu()
+    return from_kept(keep, w[keep.cpu()], pattern)
+
+
+def from_layout(layout: Layout, pattern: Pattern | str = Unstructured()) -> AnyPacked:
+    """A kernel layout -> its on-disk format (bitmask layouts of unstructured weights: the same bytes, unpadded)."""
+    pattern = parse_pattern(pattern)
+    if isinstance(layout, BitmaskLayout) and isinstance(pattern, Unstructured):
+        return BitmaskPacked(layout_values(layout).clone(), layout_mask_bytes(layout).contiguous(), layout.shape)
+    return from_kept(layout_keep(layout), layout_values(layout), pattern)
+
+
+def from_tensors(d: dict[str, torch.Tensor], name: str = "weight",
+                 expected: tuple[int, int] | None = None) -> AnyPacked:
+    """Rebuild a packed weight from ``Packed.tensors()`` (e.g. read back from safetensors), validated; ``name``
+    names the tensors in errors, ``expected`` is the model's weight shape when known."""
     if "format" not in d:
-        raise ValueError(f"not a packed sparsecraft weight: no 'format' entry among keys {sorted(d)}")
-    name = decode_name(d["format"])
-    if name not in _READERS:
-        raise ValueError(f"unknown packed format {name!r}; known: {sorted(_READERS)} (upgrade sparsecraft?)")
-    return _READERS[name](d)
+        fail(name, f"no 'format' entry among {sorted(d)}")
+    kind = decode_name(d["format"], f"{name}_format")
+    if kind not in _READERS:
+        fail(f"{name}_format", f"unknown packed format {kind!r}; known: {sorted(_READERS)} (upgrade sparsecraft?)")
+    return _READERS[kind](d, name, expected)
 
 
-__all__ = ["Packed", "BitmaskPacked", "NMPacked", "BlockPacked", "pack", "from_tensors"]
+def pattern_of(packed: AnyPacked) -> Pattern:
+    return getattr(packed, "pattern", Unstructured())
+
+
+__all__ = ["Packed", "AnyPacked", "BitmaskPacked", "NMPacked", "BlockPacked", "pack", "from_kept", "from_layout",
+           "from_tensors", "pattern_of"]

@@ -2,7 +2,7 @@
 
 Layout (see docs/formats.md): the weight is cut into a (rows / r) x (cols / c) grid of r x c tiles; ``tiles``
 (T, r, c) holds the kept tiles in row-major grid order and ``tile_mask`` uint8 (rows / r, ceil((cols / c) / 8))
-has one bit per tile, little-endian inside each byte.
+has one bit per tile in the bitmask's bit order, pad bits 0.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecraft.formats.bits import encode_name, pack_bits, unpack_bits
+from sparsecraft.formats.bits import FLOAT_DTYPES, check_shape, encode_name, expect, expect_keys, fail, read_pair
+from sparsecraft.kernels.layout import Layout, layout_from_kept, pack_bits, pad_bits_clear, popcount_rows, unpack_bits
 from sparsecraft.patterns import Block, satisfies
 
 NAME = "sparsecraft.block.v1"
+KEYS = {"format", "shape", "pattern", "tiles", "tile_mask"}
 
 
 @dataclass(frozen=True)
@@ -25,17 +27,27 @@ class BlockPacked:
     pattern: Block
 
     @staticmethod
-    def pack(weight: torch.Tensor, keep: torch.Tensor, pattern: Block) -> "BlockPacked":
+    def from_kept(keep: torch.Tensor, values: torch.Tensor, pattern: Block) -> "BlockPacked":
+        """keep (rows, cols) bool made of whole r x c tiles, and its kept values (nnz,) row-major."""
         if not satisfies(keep, pattern):
             raise ValueError(
                 f"keep mask does not satisfy block pattern {pattern}: some {pattern} tile is partly kept; "
                 f"build the mask with topk_mask(score, sparsity, '{pattern}')"
             )
-        rows, cols = weight.shape
+        rows, cols = keep.shape
         r, c = pattern.rows, pattern.cols
-        grid = weight.reshape(rows // r, r, cols // c, c).permute(0, 2, 1, 3)  # (R, C, r, c)
         tile_keep = keep.reshape(rows // r, r, cols // c, c)[:, 0, :, 0]  # (R, C)
-        return BlockPacked(grid[tile_keep].contiguous(), pack_bits(tile_keep), (rows, cols), pattern)
+        per_tile_row = tile_keep.sum(1).tolist()  # kept tiles in each tile-row
+        parts, start = [], 0
+        for k in per_tile_row:  # a tile-row's values, row-major: (r, k, c) -> its tiles (k, r, c)
+            parts.append(values[start : start + r * k * c].reshape(r, k, c).permute(1, 0, 2))
+            start += r * k * c
+        tiles = torch.cat(parts) if parts else values.reshape(0, r, c)
+        return BlockPacked(tiles.contiguous(), pack_bits(tile_keep), (rows, cols), pattern)
+
+    @staticmethod
+    def pack(weight: torch.Tensor, keep: torch.Tensor, pattern: Block) -> "BlockPacked":
+        return BlockPacked.from_kept(keep, weight[keep], pattern)
 
     def _tile_keep(self) -> torch.Tensor:
         return unpack_bits(self.tile_mask, self.shape[1] // self.pattern.cols)  # (R, C) bool
@@ -44,12 +56,23 @@ class BlockPacked:
         r, c = self.pattern.rows, self.pattern.cols
         return self._tile_keep().repeat_interleave(r, 0).repeat_interleave(c, 1)
 
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> keep (rows, cols) bool, kept values (nnz,) row-major (tile-row by tile-row, no dense weight)."""
+        parts, start = [], 0
+        for k in self._tile_keep().sum(1).tolist():
+            parts.append(self.tiles[start : start + k].permute(1, 0, 2).reshape(-1))  # (r, k, c) row-major
+            start += k
+        values = torch.cat(parts) if parts else self.tiles.reshape(-1)
+        return self.keep(), values
+
     def to_dense(self) -> torch.Tensor:
-        rows, cols = self.shape
-        r, c = self.pattern.rows, self.pattern.cols
-        grid = torch.zeros(rows // r, cols // c, r, c, dtype=self.tiles.dtype)
-        grid[self._tile_keep()] = self.tiles
-        return grid.permute(0, 2, 1, 3).reshape(rows, cols)
+        keep, values = self.kept()
+        dense = torch.zeros(self.shape, dtype=self.tiles.dtype)
+        dense[keep] = values
+        return dense
+
+    def to_layout(self, kind: str = "auto") -> Layout:
+        return layout_from_kept(*self.kept(), kind)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -61,14 +84,22 @@ class BlockPacked:
         }
 
     @staticmethod
-    def from_tensors(d: dict[str, torch.Tensor]) -> "BlockPacked":
-        rows, cols = (int(v) for v in d["shape"].tolist())
-        r, c = (int(v) for v in d["pattern"].tolist())
-        packed = BlockPacked(d["tiles"], d["tile_mask"].to(torch.uint8), (rows, cols), Block(r, c))
-        kept = int(packed._tile_keep().sum())
-        if packed.tiles.shape != (kept, r, c):
-            raise ValueError(f"block format: tile mask keeps {kept} tiles but tiles has shape {tuple(packed.tiles.shape)}")
-        return packed
+    def from_tensors(d: dict[str, torch.Tensor], name: str = "weight",
+                     expected: tuple[int, int] | None = None) -> "BlockPacked":
+        """Validated: exact entries, dtypes, shapes, tile grid, pad bits 0, set bits == number of tiles."""
+        expect_keys(d, KEYS, set(), name)
+        rows, cols = read_pair(d["shape"], f"{name}_shape")
+        check_shape((rows, cols), expected, f"{name}_shape")
+        r, c = read_pair(d["pattern"], f"{name}_pattern")
+        if rows % r or cols % c:
+            fail(f"{name}_pattern", f"tiles {r}x{c} do not divide the shape {rows}x{cols}")
+        grid_cols = cols // c
+        expect(d["tile_mask"], f"{name}_tile_mask", (torch.uint8,), (rows // r, (grid_cols + 7) // 8))
+        if not pad_bits_clear(d["tile_mask"], grid_cols):
+            fail(f"{name}_tile_mask", f"bits are set past tile column {grid_cols}")
+        kept = int(popcount_rows(d["tile_mask"]).sum())
+        expect(d["tiles"], f"{name}_tiles", FLOAT_DTYPES, (kept, r, c))
+        return BlockPacked(d["tiles"], d["tile_mask"], (rows, cols), Block(r, c))
 
     @property
     def nbytes(self) -> int:

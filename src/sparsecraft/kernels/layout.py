@@ -1,9 +1,14 @@
-"""Compute layouts for the CPU kernels, built exactly from a dense weight and its keep-mask.
+"""Compute layouts for the CPU kernels, and THE bitmask: the bit order every sparse format and kernel shares.
 
-- ``BitmaskLayout``: per row, 64-bit mask words + packed kept values (the on-disk bitmask format with rows
-  padded to 64 columns, row offsets, and 8 values of padding so that vector loads may run past the end).
+The bitmask (defined once, here): bit j of byte k holds column 8k + j, little-endian inside each byte; a row of width
+L takes ceil(L / 8) bytes and its pad bits are 0. The on-disk bitmask format (formats/bitmask.py) is these bytes;
+the kernel layout pads each row to whole 64-bit words.
+
+- ``BitmaskLayout``: per row, 64-bit mask words + packed kept values (row offsets, and 8 values of padding so that
+  vector loads may run past the end).
 - ``CsrLayout``: per row, column indices (uint16 bits in an int16 tensor when cols <= 65536) + values; for very
   sparse weights, where skipping zeros beats expanding every 8 columns.
+- ``check_layout`` validates a layout before any kernel may read it (a crafted file must not reach the C++ code).
 """
 
 from __future__ import annotations
@@ -12,16 +17,48 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecraft.formats.bits import pack_bits
-
-# Above this sparsity the CSR kernel wins at batch 1 (measured, docs/kernels.md): bitmask work is per 8 columns
-# whatever the density, CSR work is per kept weight.
+# Above this sparsity the CSR kernel wins at batch 1 (docs/kernels.md): bitmask work is per 8 columns whatever the
+# density, CSR work is per kept weight.
 CSR_MIN_SPARSITY = 0.8
 # Skip all-zero mask bytes (a branch) only when zero bytes come in runs, as in block-sparse weights: then the
-# branch is predictable. Random 90% sparsity has 43% zero bytes scattered at random, and the branch costs 1.7x.
+# branch is predictable; scattered zero bytes make it unpredictable (docs/kernels.md).
 SKIP_MIN_ZERO_BYTES = 0.25
 SKIP_MIN_RUN = 0.9  # P(next byte zero | this byte zero)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+VALUE_PAD = 8  # zeros after the kept values of a BitmaskLayout: vector loads may read up to 8 past the end
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool (..., L) -> uint8 (..., ceil(L / 8)) in the bitmask's bit order; pure."""
+    length = bits.shape[-1]
+    pad = (-length) % 8
+    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad))  # (..., L + pad)
+    b = b.reshape(*bits.shape[:-1], (length + pad) // 8, 8)  # (..., L8, 8)
+    out = torch.zeros(b.shape[:-1], dtype=torch.uint8)
+    for j in range(8):
+        out |= b[..., j] << j
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """uint8 (..., L8) -> bool (..., length); the inverse of ``pack_bits``."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    b = (packed.unsqueeze(-1) >> shifts) & 1  # (..., L8, 8)
+    return b.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :length].bool()
+
+
+def popcount_rows(mask_bytes: torch.Tensor) -> torch.Tensor:
+    """uint8 (rows, B) -> int64 (rows,) set bits per row."""
+    return _POPCOUNT[mask_bytes.to(torch.int64)].sum(1)
+
+
+def pad_bits_clear(mask_bytes: torch.Tensor, length: int) -> bool:
+    """True when no bit at or beyond column ``length`` is set in uint8 (rows, B) bitmask rows."""
+    full, rest = divmod(length, 8)
+    if rest and bool((mask_bytes[:, full] >> rest).any()):
+        return False
+    return not bool(mask_bytes[:, full + (1 if rest else 0):].any())
 
 
 @dataclass(frozen=True)
@@ -52,21 +89,27 @@ class CsrLayout:
 Layout = BitmaskLayout | CsrLayout
 
 
-def _row_ptr(keep: torch.Tensor) -> torch.Tensor:
-    row_ptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(keep.sum(1), 0, out=row_ptr[1:])
+def _row_ptr(counts: torch.Tensor) -> torch.Tensor:
+    row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
     return row_ptr
+
+
+def bitmask_from_bits(mask_bytes: torch.Tensor, values: torch.Tensor, cols: int) -> BitmaskLayout:
+    """The on-disk bitmask rows, uint8 (rows, ceil(cols / 8)), and the kept values (nnz,) row-major ->
+    BitmaskLayout, without building the dense weight or a bool mask; pure. The caller has validated the bytes."""
+    rows = mask_bytes.shape[0]
+    words = (cols + 63) // 64
+    padded = torch.zeros(rows, words * 8, dtype=torch.uint8)  # (rows, words * 8)
+    padded[:, : mask_bytes.shape[1]] = mask_bytes
+    skip = _zero_bytes_in_runs(padded)
+    values = torch.cat([values.reshape(-1), torch.zeros(VALUE_PAD, dtype=values.dtype)])
+    return BitmaskLayout(padded.view(torch.int64), values, _row_ptr(popcount_rows(mask_bytes)), cols, skip)
 
 
 def bitmask_layout(weight: torch.Tensor, keep: torch.Tensor) -> BitmaskLayout:
     """weight (rows, cols), keep (rows, cols) bool -> BitmaskLayout; pure."""
-    rows, cols = weight.shape
-    words = (cols + 63) // 64
-    keep_padded = torch.nn.functional.pad(keep, (0, words * 64 - cols))  # (rows, words * 64)
-    mask_bytes = pack_bits(keep_padded)  # (rows, words * 8) uint8, little-endian
-    values = torch.cat([weight[keep], torch.zeros(8, dtype=weight.dtype)])
-    skip = _zero_bytes_in_runs(mask_bytes)
-    return BitmaskLayout(mask_bytes.view(torch.int64).contiguous(), values, _row_ptr(keep), cols, skip)
+    return bitmask_from_bits(pack_bits(keep), weight[keep], weight.shape[1])
 
 
 def _zero_bytes_in_runs(mask_bytes: torch.Tensor) -> bool:
@@ -77,22 +120,44 @@ def _zero_bytes_in_runs(mask_bytes: torch.Tensor) -> bool:
     return bool(run >= SKIP_MIN_RUN)
 
 
+def csr_from_kept(keep: torch.Tensor, values: torch.Tensor) -> CsrLayout:
+    """keep (rows, cols) bool and its kept values (nnz,) row-major -> CsrLayout; pure."""
+    cols = keep.shape[1]
+    col = keep.nonzero()[:, 1]  # (nnz,) row-major
+    col = col.to(torch.int32).to(torch.int16) if cols <= 65536 else col.to(torch.int32)  # int16 keeps uint16 bits
+    return CsrLayout(col.contiguous(), values.reshape(-1).contiguous(), _row_ptr(keep.sum(1)), cols)
+
+
 def csr_layout(weight: torch.Tensor, keep: torch.Tensor) -> CsrLayout:
     """weight (rows, cols), keep (rows, cols) bool -> CsrLayout; pure."""
-    cols = weight.shape[1]
-    col = keep.nonzero()[:, 1]  # (nnz,) row-major, like weight[keep]
-    col = col.to(torch.int32).to(torch.int16) if cols <= 65536 else col.to(torch.int32)  # int16 keeps uint16 bits
-    return CsrLayout(col.contiguous(), weight[keep].contiguous(), _row_ptr(keep), cols)
+    return csr_from_kept(keep, weight[keep])
+
+
+def choose_kind(kind: str, nnz: int, numel: int) -> str:
+    """``"bitmask"``, ``"csr"`` or ``"auto"`` (CSR from CSR_MIN_SPARSITY on) -> the layout kind to build."""
+    if kind not in ("auto", "bitmask", "csr"):
+        raise ValueError(f"layout kind must be 'auto', 'bitmask' or 'csr', got {kind!r}")
+    if kind == "auto":
+        sparsity = 1.0 - nnz / numel if numel else 0.0
+        kind = "csr" if sparsity >= CSR_MIN_SPARSITY else "bitmask"
+    return kind
+
+
+def layout_from_kept(keep: torch.Tensor, values: torch.Tensor, kind: str = "auto") -> Layout:
+    """keep (rows, cols) bool and its kept values (nnz,) row-major -> the layout ``kind`` picks; pure."""
+    if choose_kind(kind, values.numel(), keep.numel()) == "csr":
+        return csr_from_kept(keep, values)
+    return bitmask_from_bits(pack_bits(keep), values, keep.shape[1])
 
 
 def make_layout(weight: torch.Tensor, keep: torch.Tensor, kind: str = "auto") -> Layout:
     """Pick the layout for a weight: ``"bitmask"``, ``"csr"`` or ``"auto"`` (CSR above CSR_MIN_SPARSITY)."""
-    if kind not in ("auto", "bitmask", "csr"):
-        raise ValueError(f"layout kind must be 'auto', 'bitmask' or 'csr', got {kind!r}")
-    if kind == "auto":
-        sparsity = 1.0 - float(keep.float().mean()) if keep.numel() else 0.0
-        kind = "csr" if sparsity >= CSR_MIN_SPARSITY else "bitmask"
-    return csr_layout(weight, keep) if kind == "csr" else bitmask_layout(weight, keep)
+    return layout_from_kept(keep, weight[keep], kind)
+
+
+def layout_mask_bytes(layout: BitmaskLayout) -> torch.Tensor:
+    """The bitmask rows of a BitmaskLayout without the word padding: uint8 (rows, ceil(cols / 8))."""
+    return layout.mask.view(torch.uint8)[:, : (layout.cols + 7) // 8]
 
 
 def layout_keep(layout: Layout) -> torch.Tensor:
@@ -102,8 +167,7 @@ def layout_keep(layout: Layout) -> torch.Tensor:
         keep = torch.zeros(rows, cols, dtype=torch.bool)
         keep[_row_index(layout.row_ptr), _col_index(layout)] = True
         return keep
-    bits = layout.mask.view(torch.uint8).unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)  # (rows, words*8, 8)
-    return (bits & 1).bool().reshape(rows, -1)[:, :cols]
+    return unpack_bits(layout.mask.view(torch.uint8), cols)
 
 
 def layout_values(layout: Layout) -> torch.Tensor:
@@ -144,3 +208,47 @@ def layout_to_dense(layout: Layout, rows: tuple[int, int] | None = None) -> torc
     dense = torch.zeros(r1 - r0, layout.shape[1], dtype=layout.values.dtype)
     dense[row, col] = values
     return dense
+
+
+def _fail(name: str, what: str) -> None:
+    raise ValueError(f"{name}: {what}; the file is corrupt or was not written by sparsecraft (re-run `sparsecraft "
+                     f"pack` or `prune` to rebuild it)")
+
+
+def _check_row_ptr(name: str, row_ptr: torch.Tensor, rows: int, nnz: int) -> None:
+    if row_ptr.dtype != torch.int64 or row_ptr.shape != (rows + 1,):
+        _fail(f"{name}.row_ptr", f"expected int64 ({rows + 1},), got {row_ptr.dtype} {tuple(row_ptr.shape)}")
+    if int(row_ptr[0]) != 0 or bool((row_ptr[1:] < row_ptr[:-1]).any()) or int(row_ptr[-1]) != nnz:
+        _fail(f"{name}.row_ptr", f"row offsets must start at 0, never decrease and end at the {nnz} kept values")
+
+
+def check_layout(layout: Layout, name: str = "layout", shape: tuple[int, int] | None = None) -> None:
+    """Raise one ValueError naming the tensor when ``layout`` is inconsistent (what the kernels would trust):
+    dtypes, shapes, row offsets monotone and ending at the value count, column indices below the width, per-row
+    mask popcount equal to the row's value count, no mask bit past the width. ``shape``: the expected (rows, cols)."""
+    if shape is not None and tuple(layout.shape) != tuple(shape):
+        _fail(name, f"shape {tuple(layout.shape)} does not match the model's weight {tuple(shape)}")
+    rows, cols = layout.shape
+    if not layout.values.is_floating_point() or layout.values.dim() != 1:
+        _fail(f"{name}.values", f"expected a 1-D float tensor, got {layout.values.dtype} {tuple(layout.values.shape)}")
+    if isinstance(layout, CsrLayout):
+        nnz = layout.values.numel()
+        want = torch.int16 if cols <= 65536 else torch.int32
+        if layout.col.dtype != want or layout.col.shape != (nnz,):
+            _fail(f"{name}.col", f"expected {want} ({nnz},), got {layout.col.dtype} {tuple(layout.col.shape)}")
+        _check_row_ptr(name, layout.row_ptr, rows, nnz)
+        if nnz and int(_col_index(layout).max()) >= cols:
+            _fail(f"{name}.col", f"a column index is >= the width {cols}")
+        return
+    words = (cols + 63) // 64
+    if layout.mask.dtype != torch.int64 or layout.mask.shape != (rows, words):
+        _fail(f"{name}.mask", f"expected int64 ({rows}, {words}), got {layout.mask.dtype} {tuple(layout.mask.shape)}")
+    nnz = layout.values.numel() - VALUE_PAD
+    if nnz < 0 or bool(layout.values[nnz:].any()):
+        _fail(f"{name}.values", f"must end with {VALUE_PAD} zeros of padding")
+    _check_row_ptr(name, layout.row_ptr, rows, nnz)
+    mask_bytes = layout.mask.view(torch.uint8)
+    if not pad_bits_clear(mask_bytes, cols):
+        _fail(f"{name}.mask", f"bits are set past column {cols}")
+    if not torch.equal(popcount_rows(mask_bytes), layout.row_ptr[1:] - layout.row_ptr[:-1]):
+        _fail(f"{name}.mask", "a row's set bits differ from its number of values in row_ptr")

@@ -49,12 +49,13 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
     return max(sizes, default=default)
 
 
-def copies_to_stream(nbytes: int, budget: int = 1 << 30) -> int:
+def copies_to_stream(nbytes: int, budget: int = 1 << 30, max_copies: int = 256) -> int:
     """How many distinct copies of an ``nbytes`` weight a timing loop must cycle through so that each call reads it
     from memory, as a decode step does (every weight once per token): together at least twice the last-level
-    cache, at most ``budget`` bytes."""
+    cache, at most ``budget`` bytes and ``max_copies`` copies (a weight so small that it needs more is timed by its
+    call overhead, not by memory, and a million copies would only make the bench slow)."""
     need = -(-2 * last_level_cache_bytes() // max(1, nbytes))
-    return max(1, min(need, budget // max(1, nbytes)))
+    return max(1, min(need, budget // max(1, nbytes), max_copies))
 
 
 class Cycle:

@@ -1,9 +1,9 @@
-"""Decode-speed path: swap a thresholded Linear for ``ThresholdedLinear``, which keeps its weight TRANSPOSED so the
-AVX2 kernel (kernels/colsparse.py) reads only the columns whose input survives the threshold (one token per call).
+"""Decode-speed activation sparsity: ``ThresholdedLinear`` keeps its weight TRANSPOSED so the AVX2 kernel
+(kernels/colsparse.py) reads only the columns whose input survives the threshold (one token per call).
 
-The hook path of thresholds.py changes the numbers but not the speed (the dense product still reads every column);
-this module swap changes the speed and gives the same numbers up to fp32 summation order. Several tokens at once
-(prefill) run the masked dense product. ``restore_linears_`` swaps the original layout back, bit-exactly.
+The hook path of activation/thresholds.py changes the numbers but not the speed (the dense product still reads every
+column); this module swap changes the speed and gives the same numbers up to fp32 summation order. Several tokens at
+once (prefill) run the masked dense product. ``restore_linears_`` swaps the original layout back, bit-exactly.
 
 A pruned layer (``keep`` mask given) is held as the bitmask layout of W.T instead, so weight and activation
 sparsity compound: a skipped input skips its column, a kept input reads only the column's kept weights.
@@ -11,10 +11,12 @@ sparsity compound: a skipped input skips its column, a kept input reads only the
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from sparsecraft.activation.thresholds import ThresholdSpec
+from sparsecraft.kernels import expand_dense
 from sparsecraft.kernels.colsparse import (
     colsparse_bitmask_linear,
     colsparse_linear,
@@ -22,15 +24,23 @@ from sparsecraft.kernels.colsparse import (
     transpose_weight,
     transposed_bitmask,
 )
-from sparsecraft.kernels import expand_dense
 from sparsecraft.kernels.layout import BitmaskLayout
+from sparsecraft.modules.swap import swap_module_
+
+
+class Threshold(Protocol):
+    """One layer's rule (activation.thresholds.ThresholdSpec satisfies it): inputs with |x| * scale <= threshold
+    are skipped."""
+
+    threshold: float
+    scale: torch.Tensor  # (in,) float32
 
 
 class ThresholdedLinear(nn.Module):
     """y = W (x where |x| * scale > threshold) + b. Buffers: threshold, scale, bias, and the weight: wt (in, out)
     dense, or for a pruned layer (``keep`` given) the bitmask layout of W.T: mask_t, values_t, row_ptr_t."""
 
-    def __init__(self, linear: nn.Linear, spec: ThresholdSpec, keep: torch.Tensor | None = None) -> None:
+    def __init__(self, linear: nn.Linear, spec: Threshold, keep: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.pruned = keep is not None
@@ -81,12 +91,7 @@ class ThresholdedLinear(nn.Module):
         return lin
 
 
-def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
-def swap_linears_(model: nn.Module, specs: dict[str, ThresholdSpec],
+def swap_linears_(model: nn.Module, specs: dict[str, Threshold],
                   masks: dict[str, torch.Tensor] | None = None) -> dict[str, ThresholdedLinear]:
     """Replace each nn.Linear named in ``specs`` by a ThresholdedLinear, in place; returns the new modules. Layers
     with a keep-mask in ``masks`` (fqn -> bool (out, in), e.g. PruneResult.masks) are packed as pruned."""
@@ -98,7 +103,7 @@ def swap_linears_(model: nn.Module, specs: dict[str, ThresholdSpec],
             raise ValueError(f"{fqn} is a {type(linear).__name__}, not an nn.Linear; the decode kernel swaps only "
                              f"nn.Linear layers (use attach() for thresholds on other layer types)")
         swapped[fqn] = ThresholdedLinear(linear, spec, masks.get(fqn))
-        _set(model, fqn, swapped[fqn])
+        swap_module_(model, fqn, swapped[fqn])
     return swapped
 
 
@@ -106,4 +111,4 @@ def restore_linears_(model: nn.Module) -> None:
     """Undo ``swap_linears_``: every ThresholdedLinear goes back to an nn.Linear with the exact same weight."""
     for fqn, module in list(model.named_modules()):
         if isinstance(module, ThresholdedLinear):
-            _set(model, fqn, module.to_linear())
+            swap_module_(model, fqn, module.to_linear())

@@ -1,26 +1,26 @@
-"""``SparseLinear``: a Linear layer whose weight is stored packed and run by the CPU kernels.
+"""``SparseLinear``: a Linear layer whose weight is held in a kernel layout and run by the CPU kernels.
 
 - ``SparseLinear.from_dense(linear, keep, pattern)`` packs a pruned ``nn.Linear``; ``to_dense()`` gives it back
-  exactly (pruned weights are 0).
+  exactly (pruned weights are 0). ``SparseLinear.from_packed(packed, bias)`` builds one straight from an on-disk
+  format (sparsecraft.formats), validated, without the dense weight; ``packed()`` goes back the same way.
 - Decode (few tokens): the sparse kernel. Prefill (many tokens): where the kernel loses to dense, the weight is
   expanded to dense tiles on the fly and the dense GEMM runs (the rule is measured per layout and dtype, see
   ``DENSE_MIN_TOKENS``, ``SparseLinear.dense_from_tokens`` and docs/kernels.md; ``sparsecraft bench`` prints it per layer).
-- ``sparsify_model_(model, masks, pattern)`` swaps every masked Linear; ``save_packed_model`` /
-  ``load_packed_model_`` write and read the packed model as one safetensors file, bit-exactly.
+- ``sparsify_model_(model, masks, pattern)`` swaps every masked Linear. Reading and writing packed checkpoints is
+  sparsecraft.checkpoint's job.
 """
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparsecraft.formats import from_tensors, pack
+from sparsecraft import formats
 from sparsecraft.kernels import dense_tiles_linear, make_layout, sparse_linear
-from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, layout_keep, layout_to_dense
+from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, check_layout, layout_keep, layout_to_dense
+from sparsecraft.modules.swap import swap_module_
 from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 
 # From this many tokens per call on, run fp32 dense GEMMs on weight tiles expanded on the fly; below it, the sparse
@@ -76,6 +76,9 @@ class SparseLinear(nn.Module):
         self.sparsity = 1.0 - int(layout.row_ptr[-1]) / max(1, self.in_features * self.out_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._layout: Layout | None = None
+        check_layout(self.layout, "SparseLinear")
+        # A state dict loaded later (load_state_dict) may replace the buffers: validate before any kernel reads them.
+        self.register_load_state_dict_post_hook(_check_after_load)
 
     @staticmethod
     def from_dense(
@@ -94,6 +97,12 @@ class SparseLinear(nn.Module):
         dense = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype))
         bias = None if linear.bias is None else linear.bias.detach().cpu()
         return SparseLinear(make_layout(dense, keep.cpu(), layout), bias, pattern)
+
+    @staticmethod
+    def from_packed(packed: formats.AnyPacked, bias: torch.Tensor | None = None,
+                    layout: str = "auto") -> "SparseLinear":
+        """Build from a validated on-disk format (``formats.from_tensors``): its kernel layout, no dense weight."""
+        return SparseLinear(packed.to_layout(layout), bias, formats.pattern_of(packed))
 
     @property
     def layout(self) -> Layout:
@@ -123,9 +132,9 @@ class SparseLinear(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The on-disk packed format (sparsecraft.formats) of the weight."""
-        return pack(self.dense_weight(), self.keep(), self.pattern).tensors()
+    def packed(self) -> formats.AnyPacked:
+        """The on-disk format (sparsecraft.formats) of the weight, straight from the layout."""
+        return formats.from_layout(self.layout, self.pattern)
 
     @property
     def nbytes(self) -> int:
@@ -153,10 +162,9 @@ class SparseLinear(nn.Module):
         )
 
 
-def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _check_after_load(module: nn.Module, incompatible: Any) -> None:
+    module._layout = None
+    check_layout(module.layout, "SparseLinear (loaded state dict)")
 
 
 def sparsify_model_(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern | str) -> dict:
@@ -176,72 +184,9 @@ def sparsify_model_(model: nn.Module, masks: dict[str, torch.Tensor], pattern: P
     for fqn in sorted(masks):
         linear = model.get_submodule(fqn)
         sparse = SparseLinear.from_dense(linear, masks[fqn], pattern)
-        _swap(model, fqn, sparse)
+        swap_module_(model, fqn, sparse)
         summary["replaced"].append(fqn)
         summary["layouts"][fqn] = sparse.kind
         summary["dense_bytes"] += linear.weight.numel() * linear.weight.element_size()
         summary["sparse_bytes"] += sparse.nbytes
     return summary
-
-
-def save_packed_model(model: nn.Module, path: str) -> None:
-    """One safetensors file in the packed-checkpoint layout of sparsecraft.checkpoint: every SparseLinear weight
-    as ``"<fqn>.weight@<entry>"`` (docs/formats.md), all else dense, JSON metadata ``sparsecraft``."""
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict = {"packed": {}, "aliases": {}, "pattern": None}
-    sparse = {fqn: m for fqn, m in model.named_modules() if isinstance(m, SparseLinear)}
-    for fqn, module in sparse.items():
-        for name, t in module.packed_tensors().items():
-            tensors[f"{fqn}.weight@{name}"] = t.contiguous()
-        meta["packed"][f"{fqn}.weight"] = {"transposed": False}
-        meta["pattern"] = meta["pattern"] or str(module.pattern)
-        if module.bias is not None:
-            tensors[f"{fqn}.bias"] = module.bias.contiguous()
-    skip = tuple(f"{fqn}." for fqn in sparse)
-    seen: dict[tuple[int, int, tuple], str] = {}
-    for key, t in model.state_dict().items():
-        if key.startswith(skip):
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen and t.numel():  # tied weights are stored once
-            meta["aliases"][key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t.contiguous()
-    save_file(tensors, path, metadata={"sparsecraft": json.dumps(meta)})
-
-
-def load_packed_model_(model: nn.Module, path: str) -> dict:
-    """Load a packed checkpoint (``save_packed_model`` or ``sparsecraft prune``'s sparse/model.safetensors) into a
-    model of the same architecture, swapping each packed Linear for a SparseLinear. Bit-exact.
-
-    Returns {"sparse": fqns now SparseLinear, "dense": packed weights loaded dense (e.g. GPT-2 Conv1D)}."""
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("sparsecraft", "null"))
-        raw = load_file(path)
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"cannot read packed checkpoint {path} ({e}); the file is missing or corrupt") from None
-    if meta is None:
-        raise ValueError(f"{path} is not a sparsecraft packed checkpoint (no 'sparsecraft' metadata)")
-    state = {k: v for k, v in raw.items() if "@" not in k}
-    result: dict = {"sparse": [], "dense": []}
-    for key, info in sorted(meta["packed"].items()):
-        packed = from_tensors({k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(key + "@")})
-        fqn = key.removesuffix(".weight")
-        if info.get("transposed") or not isinstance(model.get_submodule(fqn), (nn.Linear, SparseLinear)):
-            dense = packed.to_dense()
-            state[key] = dense.T.contiguous() if info.get("transposed") else dense
-            result["dense"].append(fqn)
-            continue
-        pattern = getattr(packed, "pattern", parse_pattern("unstructured"))
-        bias = state.pop(f"{fqn}.bias", None)
-        _swap(model, fqn, SparseLinear(make_layout(packed.to_dense(), packed.keep()), bias, pattern))
-        result["sparse"].append(fqn)
-    state.update({key: state[target] for key, target in meta["aliases"].items()})
-    loaded = model.load_state_dict(state, strict=False)
-    if loaded.unexpected_keys:
-        raise ValueError(f"{path}: keys not in this model, e.g. {loaded.unexpected_keys[:3]}; same architecture?")
-    prefixes = tuple(f"{fqn}." for fqn in result["sparse"])
-    result["missing"] = [k for k in loaded.missing_keys if not k.startswith(prefixes)]
-    return result

@@ -1,0 +1,116 @@
+"""Quality and cost of a KV press on a model: long-text perplexity, needle retrieval, cache bytes, decode speed.
+
+Every function takes ``kv``: a KVPress from an active ``compress(model, ...)`` block, or None for the full cache.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from sparsecraft.attention.presses import KVConfig
+from sparsecraft.attention.wrap import KVPress, compress
+
+
+def new_cache(model: nn.Module, kv: KVPress | None) -> Cache:
+    return kv.cache() if kv is not None else DynamicCache(config=model.config)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes of keys + values a cache holds (allocated slots, empty ones included)."""
+    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+               for l in cache.layers if getattr(l, "keys", None) is not None and l.keys.numel())
+
+
+@torch.no_grad()
+def continuation_nll(model: nn.Module, prefix: torch.Tensor, cont: torch.Tensor, kv: KVPress | None) -> float:
+    """Summed negative log-likelihood of ``cont`` (m,) after ``prefix`` (n,): the prefix fills (and a press
+    compresses) the cache, then the continuation is scored in one teacher-forced pass against that cache."""
+    cache = new_cache(model, kv)
+    first = model(prefix[None], cache=cache, use_cache=True).logits[0, -1:]  # predicts cont[0]
+    rest = model(cont[None, :-1], cache=cache, use_cache=True).logits[0]    # predict cont[1:]
+    logp = torch.log_softmax(torch.cat([first, rest]).float(), dim=-1)
+    return float(-logp.gather(1, cont[:, None]).sum())
+
+
+def long_perplexity(model: nn.Module, tokens: torch.Tensor, context: int, chunk: int, samples: int,
+                    kv: KVPress | None) -> float:
+    """Perplexity of ``chunk`` tokens after ``context`` tokens, at ``samples`` evenly spaced offsets of the text."""
+    span = context + chunk
+    if tokens.numel() < span:
+        raise ValueError(f"the text has {tokens.numel()} tokens, fewer than context + chunk = {span}; give a "
+                         f"longer text or lower --context/--chunk")
+    starts = torch.linspace(0, tokens.numel() - span, samples).long().tolist()
+    nll = sum(continuation_nll(model, tokens[s:s + context], tokens[s + context:s + span], kv) for s in starts)
+    return math.exp(nll / (samples * chunk))
+
+
+def needle_prompts(tokenizer: Any, tokens: torch.Tensor, context: int, n: int, seed: int = 0
+                   ) -> list[tuple[torch.Tensor, str]]:
+    """``n`` prompts of ``context`` tokens: a haystack of real text with one sentence "The secret number is NNNN."
+    inserted at depths spread from 10% to 90%, then the question. Returns (ids (context,), answer)."""
+    rng = random.Random(seed)
+    enc = lambda s: torch.tensor(tokenizer(s, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    out = []
+    for i in range(n):
+        answer = str(rng.randint(1000, 9999))
+        needle = enc(f"\nThe secret number is {answer}.\n")
+        question = enc("\nWhat is the secret number? The secret number is")
+        hay = context - needle.numel() - question.numel()
+        if hay < 16 or tokens.numel() < hay:
+            raise ValueError(f"context {context} is too short for a needle, or the text too short for the "
+                             f"haystack; raise --context or give a longer text")
+        start = rng.randint(0, tokens.numel() - hay)
+        depth = round(hay * (0.1 + 0.8 * i / max(1, n - 1)))
+        h = tokens[start:start + hay]
+        out.append((torch.cat([h[:depth], needle, h[depth:], question]), answer))
+    return out
+
+
+@torch.no_grad()
+def needle_accuracy(model: nn.Module, tokenizer: Any, prompts: list[tuple[torch.Tensor, str]],
+                    kv: KVPress | None, new_tokens: int = 6) -> float:
+    """Fraction of prompts whose greedy continuation contains the answer."""
+    hits = 0
+    for ids, answer in prompts:
+        out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), cache=new_cache(model, kv),
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        hits += answer in tokenizer.decode(out[0, ids.numel():])
+    return hits / len(prompts)
+
+
+@torch.no_grad()
+def decode_speed(model: nn.Module, prefix: torch.Tensor, steps: int, kv: KVPress | None) -> dict[str, float]:
+    """Prefill ``prefix`` then ``steps`` greedy decode steps: seconds of prefill, decode tokens/s, cache bytes."""
+    cache = new_cache(model, kv)
+    t0 = time.perf_counter()
+    logits = model(prefix[None], cache=cache, use_cache=True).logits[:, -1]
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        logits = model(logits.argmax(-1, keepdim=True), cache=cache, use_cache=True).logits[:, -1]
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_tok_s": steps / (t2 - t1), "cache_bytes": cache_bytes(cache)}
+
+
+def evaluate_press(model: nn.Module, tokenizer: Any, tokens: torch.Tensor, cfg: KVConfig | None, context: int,
+                   chunk: int = 256, samples: int = 2, needles: int = 4, decode_steps: int = 16) -> dict[str, Any]:
+    """All four measures for one setting (None = the full cache) -> a JSON-able dict."""
+    ctx = compress(model, **asdict(cfg)) if cfg is not None else nullcontext()
+    with ctx as kv:
+        row: dict[str, Any] = {"method": cfg.method if cfg else "full", "budget": cfg.budget if cfg else 1.0,
+                               "context": context}
+        if samples:
+            row["perplexity"] = long_perplexity(model, tokens, context, chunk, samples, kv)
+        if needles:
+            row["needle"] = needle_accuracy(model, tokenizer, needle_prompts(tokenizer, tokens, context, needles), kv)
+        if decode_steps:
+            row.update(decode_speed(model, tokens[:context], decode_steps, kv))
+    return row

@@ -41,6 +41,7 @@ from sparsecraft.engine.distributed import DistContext, barrier, check_same_sett
 from sparsecraft.engine.hooks import LayerCollector
 from sparsecraft.engine.loop import propagate, prune_block, prune_layer
 from sparsecraft.engine.record import LayerRecord, PruneResult
+from sparsecraft.checkpoint import MASKS_META, decode_mask, save_masks
 from sparsecraft.io import MARKER, StagedOutput, atomic_save_tensors, atomic_write_text, check_output, fsync_dir
 from sparsecraft.methods import Method, get_method
 from sparsecraft.methods.base import supports
@@ -240,12 +241,16 @@ class MasksOnDisk(Mapping):
         self.path = path
         with safe_open(str(path), framework="pt") as f:
             self._keys = list(f.keys())
+            self._shapes = json.loads((f.metadata() or {}).get(MASKS_META, "null"))
 
     def __getitem__(self, fqn: str) -> torch.Tensor:
         if fqn not in self._keys:
             raise KeyError(fqn)
         with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(fqn).bool()
+            bits = f.get_tensor(fqn)
+        if self._shapes is None:  # an older file: torch.bool masks
+            return bits.bool()
+        return decode_mask(bits, self._shapes.get(fqn), f"{self.path}: mask {fqn}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -255,16 +260,22 @@ class MasksOnDisk(Mapping):
 
 
 def join_safetensors(parts: list[Path], path: Path) -> None:
-    """One safetensors file from several, holding one tensor in memory at a time; written atomically."""
+    """One safetensors file from several, holding one tensor in memory at a time; written atomically. Metadata
+    entries holding JSON objects (e.g. the mask shapes) are merged."""
     entries, header, offset = [], {}, 0
+    merged: dict[str, dict] = {}
     for part in parts:
         with safe_open(str(part), framework="pt") as f:
+            for name, text in (f.metadata() or {}).items():
+                merged.setdefault(name, {}).update(json.loads(text))
             for key in f.keys():
                 sl = f.get_slice(key)
                 nbytes = math.prod(sl.get_shape()) * DTYPE_BYTES[sl.get_dtype()]
                 header[key] = {"dtype": sl.get_dtype(), "shape": sl.get_shape(), "data_offsets": [offset, offset + nbytes]}
                 entries.append((part, key))
                 offset += nbytes
+    if merged:
+        header["__metadata__"] = {name: json.dumps(d) for name, d in merged.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -444,7 +455,7 @@ def _run_blocks(m: _Model, per_block: list[dict[str, nn.Module]], lplan: dict[st
             prefix = m.block_prefix(i)
             atomic_save_tensors({prefix + n: t for n, t in block.state_dict().items()},
                                 stage / shard_name(i + 2, m.n_files))
-            atomic_save_tensors(masks, stage / f"masks-{i}.safetensors")
+            save_masks(masks, stage / f"masks-{i}.safetensors")
         if calls:
             atomic_save_tensors({str(j): c.hidden for j, c in zip(mine, calls)},
                                 stage / f"hidden-{i}.rank{ctx.rank}.safetensors")

@@ -48,8 +48,12 @@ def test_pack_writes_an_exact_packed_checkpoint(pruned_dir, tmp_path):
 
 def test_pack_errors_are_one_line_and_say_how_to_fix(pruned_dir, tmp_path):
     folder, _, _ = pruned_dir
-    with pytest.raises(ValueError, match="masks.safetensors"):
+    with pytest.raises(ValueError, match="overlaps the input"):  # an output inside the checkpoint: refused first
         args = _parse(pack, ["pack", str(tmp_path), "--output", str(tmp_path / "o")])
+        args.func(args)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="masks.safetensors"):
+        args = _parse(pack, ["pack", str(tmp_path / "empty"), "--output", str(tmp_path / "o")])
         args.func(args)
     bad = tmp_path / "bad"
     bad.mkdir()

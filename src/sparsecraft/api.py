@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +53,44 @@ def _check_weights(targets: dict[str, nn.Module], pattern: Pattern) -> None:
             raise ValueError(f"weight of {fqn} contains NaN or inf; fix or reload the model before pruning")
 
 
+@dataclass
+class PrunePlan:
+    """What ``prune`` will do, every input checked: the method, the pattern, the blocks and per-block targets, and
+    the sparsity of every layer it prunes."""
+
+    method: Method
+    pattern: Pattern
+    blocks_fqn: str
+    blocks: nn.ModuleList
+    per_block: list[dict[str, nn.Module]]
+    layer_sparsity: dict[str, float]
+
+
+def plan_prune(model: nn.Module, method: str | Method = "wanda", sparsity: float | None = 0.5,
+               pattern: str | Pattern = "unstructured", *, layer_sparsity: Mapping[str, float] | None = None,
+               include: list[str] | None = None, exclude: list[str] | None = None,
+               method_options: dict[str, Any] | None = None) -> PrunePlan:
+    """Check every argument of ``prune`` against the model without changing anything (a command calls it before
+    it writes anything); raises ValueError saying what to fix."""
+    pattern = parse_pattern(pattern)
+    if sparsity is None and layer_sparsity and not isinstance(pattern, NM):
+        sparsity = 0.0  # only the layers named in layer_sparsity are pruned
+    sparsity = resolve_sparsity(sparsity, pattern)
+    method_obj = get_method(method, **(method_options or {}))
+    if not supports(method_obj, pattern):
+        raise ValueError(f"method {method!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
+                         f"method that supports blocks (magnitude, random, wanda)")
+    blocks_fqn, blocks = find_blocks(model)
+    per_block = [find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)]
+    all_targets = {fqn: m for t in per_block for fqn, m in t.items()}
+    if not all_targets:
+        raise ValueError(f"no prunable layers matched in {blocks_fqn}; loosen include/exclude patterns")
+    planned = resolve_layer_sparsity(all_targets, sparsity, pattern, layer_sparsity)
+    per_block = [{f: m for f, m in t.items() if f in planned} for t in per_block]
+    _check_weights({f: all_targets[f] for f in planned}, pattern)
+    return PrunePlan(method_obj, pattern, blocks_fqn, blocks, per_block, planned)
+
+
 @moe_aware  # MoE models: per-expert Linear views of fused experts, routers kept dense (sparsecraft.moe)
 def prune(
     model: nn.Module,
@@ -82,22 +121,10 @@ def prune(
     continues an interrupted run; ``after_prune`` runs on each block after its layers are pruned (e.g. block
     reconstruction).
     """
-    pattern = parse_pattern(pattern)
-    if sparsity is None and layer_sparsity and not isinstance(pattern, NM):
-        sparsity = 0.0  # only the layers named in layer_sparsity are pruned
-    sparsity = resolve_sparsity(sparsity, pattern)
-    method_obj = get_method(method, **(method_options or {}))
-    if not supports(method_obj, pattern):
-        raise ValueError(f"method {method!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
-                         f"method that supports blocks (magnitude, random, wanda)")
-    blocks_fqn, blocks = find_blocks(model)
-    per_block = [find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)]
-    all_targets = {fqn: m for t in per_block for fqn, m in t.items()}
-    if not all_targets:
-        raise ValueError(f"no prunable layers matched in {blocks_fqn}; loosen include/exclude patterns")
-    planned = resolve_layer_sparsity(all_targets, sparsity, pattern, layer_sparsity)
-    per_block = [{f: m for f, m in t.items() if f in planned} for t in per_block]
-    _check_weights({f: all_targets[f] for f in planned}, pattern)
+    plan = plan_prune(model, method, sparsity, pattern, layer_sparsity=layer_sparsity, include=include,
+                      exclude=exclude, method_options=method_options)
+    method_obj, pattern, blocks_fqn, blocks, per_block, planned = (plan.method, plan.pattern, plan.blocks_fqn,
+                                                                   plan.blocks, plan.per_block, plan.layer_sparsity)
     name = method if isinstance(method, str) else type(method).__name__.lower()
     result = PruneResult(method=name, pattern=str(pattern), blocks=blocks_fqn)
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -22,7 +22,12 @@ log = logging.getLogger("sparsecraft")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (argparse prints the usage block too) that point to --help."""
+    """argparse with one-line errors (argparse prints the usage block too) that point to --help, and no
+    abbreviated flags (``--nsample 3`` must not silently mean ``--nsamples 3``)."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

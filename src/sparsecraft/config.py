@@ -107,15 +107,19 @@ def _check_value(key: str, value: Any, kind: Any) -> Any:
 C = TypeVar("C")
 
 
-def config_from_dict(cls: type[C], settings: dict[str, Any], what: str = "settings") -> C:
-    """Build ``cls`` from a mapping: unknown keys and wrong types raise one line naming the key."""
+def check_settings(cls: type[C], settings: dict[str, Any], what: str = "settings") -> dict[str, Any]:
+    """Unknown keys and wrong types raise one line naming the key; -> the checked values."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown {what} {unknown}; valid keys: {', '.join(sorted(known))}")
-    checked = {k: _check_value(k, v, hints[k]) for k, v in settings.items()}
-    return cls(**checked)
+    return {k: _check_value(k, v, hints[k]) for k, v in settings.items()}
+
+
+def config_from_dict(cls: type[C], settings: dict[str, Any], what: str = "settings") -> C:
+    """Build ``cls`` from a mapping: unknown keys and wrong types raise one line naming the key."""
+    return cls(**check_settings(cls, settings, what))
 
 
 def read_settings(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
-from sparsecraft.config import config_from_dict
+from sparsecraft.config import check_settings, config_from_dict
 
 C = TypeVar("C")
 
@@ -54,8 +54,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, positional:
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace, base: dict[str, Any] | None = None) -> C:
-    """``base`` settings (e.g. from a settings file) overridden by every flag that was given."""
-    settings = dict(base or {})
+    """``base`` settings (e.g. from a settings file) overridden by every flag that was given; the file's values are
+    checked on their own too (a wrong type in a file is an error even where a flag overrides it)."""
+    settings = check_settings(cls, dict(base or {}), "settings in the file")
     for f in fields(cls):  # type: ignore[arg-type]
         if hasattr(args, f.name):
             settings[f.name] = getattr(args, f.name)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sparsecraft.checkpoint import PACKED_FILE, load_masks, save_packed
+from sparsecraft.io import StagedOutput, check_output
 from sparsecraft.models import load_model, parse_dtype
 from sparsecraft.patterns import parse_pattern
 
@@ -64,15 +65,13 @@ def read_plan(folder: Path) -> dict:
     return plan
 
 
-def check_inputs(checkpoint: Path, output: Path, overwrite: bool) -> None:
+def check_inputs(checkpoint: Path) -> None:
+    if not checkpoint.exists():
+        raise ValueError(f"{checkpoint} does not exist; pass the output folder of `sparsecraft prune`")
     if not checkpoint.is_dir():
         raise ValueError(f"{checkpoint} is not a folder; pass the output folder of `sparsecraft prune`")
     if not (checkpoint / "masks.safetensors").is_file():
         raise ValueError(f"{checkpoint} has no masks.safetensors; pass a folder written by `sparsecraft prune`")
-    if output.resolve() == checkpoint.resolve():
-        raise ValueError("--output must differ from the checkpoint folder")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ValueError(f"output folder {output} exists and is not empty; pass --overwrite or another --output")
 
 
 def check_masks(model: nn.Module, masks: dict) -> None:
@@ -88,22 +87,21 @@ def check_masks(model: nn.Module, masks: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint, output = Path(args.checkpoint), Path(args.output)
-    check_inputs(checkpoint, output, args.overwrite)
+    checkpoint = Path(args.checkpoint)
+    output = check_output(args.output, [checkpoint], overwrite=args.overwrite)  # before anything is read or written
+    check_inputs(checkpoint)
     plan = read_plan(checkpoint)
     pattern = parse_pattern(plan["pattern"])
     dtype = parse_dtype(args.dtype or plan.get("dtype") or "float32")
     masks = load_masks(checkpoint / "masks.safetensors")
     model = load_model_only(str(checkpoint), dtype)
     check_masks(model, masks)
-    if output.exists() and args.overwrite:
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    sizes = save_packed(model, masks, pattern, output / PACKED_FILE)
-    for name in COPIED:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, output / name)
+    with StagedOutput(output) as stage:  # swapped in only when complete; the old output stays until then
+        sizes = save_packed(model, masks, pattern, stage.path / PACKED_FILE)
+        for name in COPIED:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, stage.path / name)
     ratio = sizes["packed_bytes"] / max(1, sizes["dense_bytes"])
     print(f"packed {len(masks)} weights ({pattern}): {sizes['dense_bytes'] / 2**20:.1f} MiB dense -> "
-          f"{sizes['packed_bytes'] / 2**20:.1f} MiB packed ({100 * ratio:.1f}%); wrote {output / PACKED_FILE}")
+          f"{sizes['packed_bytes'] / 2**20:.1f} MiB packed ({100 * ratio:.1f}%); wrote {args.output}/{PACKED_FILE}")
     return 0

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sparsecraft import data, evaluate, report
-from sparsecraft.api import allocate, prune
+from sparsecraft.api import allocate, plan_prune, prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.commands.options import add_config_arguments, add_output_arguments, config_from_args
 from sparsecraft.config import RunConfig, read_settings
@@ -86,11 +86,9 @@ def run(args: argparse.Namespace) -> int:
     work = partial_dir(out)
     if args.resume and not (work / "progress.json").is_file():
         raise ValueError(f"nothing to resume for {args.output} (no unfinished run beside it); drop --resume")
-    if not args.resume and work.exists():
-        if not args.overwrite:
-            raise ValueError(f"an unfinished run of {args.output} exists; pass --resume to continue it or "
-                             f"--overwrite to start again")
-        shutil.rmtree(work)
+    if not args.resume and work.exists() and not args.overwrite:
+        raise ValueError(f"an unfinished run of {args.output} exists; pass --resume to continue it or "
+                         f"--overwrite to start again")
     progress = args.progress
     t_start = time.perf_counter()
     calib_text = data.read_text(cfg.calib, "calib")  # texts first: a bad path fails before the model loads
@@ -99,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
     check_seqlen(model, cfg.seqlen)
     calib = data.calibration_windows(data.tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, cfg.seed)
     windows = data.eval_windows(data.tokenize(tok, eval_text), cfg.seqlen, cfg.eval_windows) if eval_text else None
+    plan_prune(model, cfg.method, cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity, cfg.pattern,
+               layer_sparsity=cfg.layer_sparsity or None, include=cfg.include or None, exclude=cfg.exclude or None,
+               method_options=cfg.method_options)  # every input checked: only now is anything written
+    if not args.resume and work.exists():
+        shutil.rmtree(work)  # --overwrite: the unfinished run's state goes
     fingerprint = {"settings": cfg.to_dict(), "model": content_fingerprint(None if cfg.model == "default"
                                                                            else cfg.model),
                    "calib_text": text_digest(calib_text), "eval_text": text_digest(eval_text),

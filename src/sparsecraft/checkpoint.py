@@ -14,10 +14,11 @@ transposed to (out, in) first (GPT-2 Conv1D) and which keys alias a tied tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -123,10 +124,19 @@ def packed_tensors(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pa
     return tensors, meta, sizes
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_packed(model: nn.Module, masks: dict[str, torch.Tensor], pattern: Pattern | None, path: Path
                 ) -> dict[str, int]:
-    """Write the packed checkpoint atomically; return {"dense_bytes", "packed_bytes"} of the pruned weights."""
+    """Write the packed checkpoint atomically, with a sha256 of every tensor in the metadata; return
+    {"dense_bytes", "packed_bytes"} of the pruned weights."""
     tensors, meta, sizes = packed_tensors(model, masks, pattern)
+    meta["sha256"] = {key: tensor_digest(t) for key, t in tensors.items()}
     atomic_save_tensors(tensors, Path(path), metadata={"sparsecraft": json.dumps(meta)})
     return sizes
 
@@ -136,13 +146,16 @@ def _file(path: str | Path) -> Path:
     return path / PACKED_FILE if path.is_dir() else path
 
 
-def read_packed_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """-> (raw tensors, validated metadata) of a packed checkpoint file (or a folder holding one)."""
+def read_packed_file(path: str | Path, select: Callable[[str], bool] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (raw tensors, validated metadata) of a packed checkpoint file (or a folder holding one). ``select(key)``
+    limits which tensors are read into memory (the metadata is still checked against every key of the file)."""
     path = _file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get("sparsecraft")
-            raw = {k: f.get_tensor(k) for k in f.keys()}
+            names = set(f.keys())
+            raw = {k: f.get_tensor(k) for k in sorted(names) if select is None or select(k)}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"cannot read packed checkpoint {path} ({e}); the file is missing or corrupt") from None
     if text is None:
@@ -157,11 +170,21 @@ def read_packed_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
         raise ValueError(f"{path}: the 'sparsecraft' metadata is malformed (needs 'packed' and 'aliases' maps); "
                          f"the file is corrupt or was not written by sparsecraft")
-    stray = sorted(k for k in raw if "@" in k and k.split("@", 1)[0] not in packed)
+    digests = meta.get("sha256")
+    if digests is not None:  # files written since 0.2: every tensor is covered and must match
+        bad = sorted(k for k in raw if not isinstance(digests, dict) or digests.get(k) != tensor_digest(raw[k]))
+        missing = sorted(set(digests) - names) if isinstance(digests, dict) else []
+        if bad or missing:
+            raise ValueError(f"{path}: tensors {(bad or missing)[:3]} do not match the checksums recorded when the "
+                             f"file was written; the file is corrupt or was altered (rebuild it with `sparsecraft "
+                             f"pack`)")
+    stray = sorted(k for k in names if "@" in k and k.split("@", 1)[0] not in packed)
     if stray:
         raise ValueError(f"{path}: tensors {stray[:3]} belong to no packed weight of the metadata; the file is corrupt")
     for key, target in aliases.items():
-        if target not in raw and target not in packed:
+        if key in names or key in packed or key in aliases.values():
+            raise ValueError(f"{path}: alias {key} -> {target} names a key that is itself stored; the file is corrupt")
+        if target not in names and target not in packed:
             raise ValueError(f"{path}: alias {key} -> {target} points to no stored tensor; the file is corrupt")
     return raw, meta
 
@@ -188,14 +211,14 @@ def load_packed_model_(model: nn.Module, path: str | Path, layout: str = "auto")
     other weights are copied in. Bit-exact. Every tensor is checked before the model is touched: a key the model
     lacks, a shape or dtype that differs, or a layout the kernels cannot trust is a ValueError naming it.
 
-    Returns {"sparse": fqns now SparseLinear, "dense": packed weights loaded dense (e.g. GPT-2 Conv1D),
-    "missing": model keys the file did not provide}."""
+    Returns {"sparse": fqns now SparseLinear, "dense": packed weights loaded dense (e.g. GPT-2 Conv1D)}; a model
+    weight the file lacks is an error (never a randomly initialised layer)."""
     raw, meta = read_packed_file(path)
     modules = dict(model.named_modules())
     expected = model.state_dict()
     state = {k: v for k, v in raw.items() if "@" not in k}
     swaps: dict[str, SparseLinear] = {}
-    result: dict[str, list[str]] = {"sparse": [], "dense": [], "missing": []}
+    result: dict[str, list[str]] = {"sparse": [], "dense": []}
     for key, info in sorted(meta["packed"].items()):
         fqn = key.removesuffix(".weight")
         module = modules.get(fqn)
@@ -211,9 +234,11 @@ def load_packed_model_(model: nn.Module, path: str | Path, layout: str = "auto")
         if isinstance(module, (nn.Linear, SparseLinear)) and not transposed:
             bias = state.pop(f"{fqn}.bias", None)
             want_bias = module.bias is not None
-            if (bias is not None) != want_bias or bias is not None and tuple(bias.shape) != (shape[0],):
+            if (bias is not None) != want_bias or bias is not None and (tuple(bias.shape) != (shape[0],)
+                                                                       or not bias.is_floating_point()):
                 raise ValueError(f"{_file(path)}: {fqn}.bias does not match the model's layer (bias "
-                                 f"{'expected' if want_bias else 'not expected'}, shape {shape[0]}); same architecture?")
+                                 f"{'expected' if want_bias else 'not expected'}, float ({shape[0]},)); same "
+                                 f"architecture?")
             swaps[fqn] = SparseLinear.from_packed(packed, bias, layout)
             result["sparse"].append(fqn)
         else:
@@ -233,9 +258,12 @@ def load_packed_model_(model: nn.Module, path: str | Path, layout: str = "auto")
                              f"{tuple(expected[key].shape)}; same architecture?")
         if t.is_floating_point() != expected[key].is_floating_point():
             raise ValueError(f"{_file(path)}: {key} has dtype {t.dtype}, the model {expected[key].dtype}")
+    missing = sorted(k for k in expected if k not in state and not k.startswith(prefixes)
+                     and k not in meta["packed"])
+    if missing:
+        raise ValueError(f"{_file(path)} lacks {len(missing)} weights of this model, e.g. {missing[:3]}; the file is "
+                         f"incomplete or belongs to another architecture")
     for fqn, new in swaps.items():
         swap_module_(model, fqn, new)
-    loaded = model.load_state_dict(state, strict=False)
-    swapped = tuple(f"{fqn}." for fqn in swaps)
-    result["missing"] = [k for k in loaded.missing_keys if not k.startswith(swapped)]
+    model.load_state_dict(state, strict=False)  # every key checked above; the swapped layers hold their own
     return result

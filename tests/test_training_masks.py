@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsecraft.training import KEEP_BUFFER, MaskState, find_targets
+from sparsecraft.training import KEEP_BUFFER, MaskState, maskable_modules
 
 torch.set_num_threads(1)
 
@@ -30,7 +30,7 @@ def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def random_masks(model: nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
-    return {fqn: torch.rand(model.get_submodule(fqn).weight.shape, generator=g) > 0.5 for fqn in find_targets(model)}
+    return {fqn: torch.rand(model.get_submodule(fqn).weight.shape, generator=g) > 0.5 for fqn in maskable_modules(model)}
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, g: torch.Generator) -> None:

@@ -1,6 +1,6 @@
 """Sparsity patterns as values, and the one function that turns scores into a keep-mask.
 
-Conventions (see docs/conventions.md):
+Conventions (see docs/architecture.md):
 - a mask is a ``torch.bool`` tensor called ``keep``: True = the weight is kept;
 - ``sparsity`` is the fraction of zeros, in [0, 1);
 - a weight has shape (out_features, in_features); N:M groups and the ``"row"`` scope run along the

@@ -12,7 +12,7 @@ from sparsecraft.activation.curve import CurvePoint, evaluate_plan, ppl_p_sparsi
 from sparsecraft.activation.measure import linear_targets, measure, summarize
 from sparsecraft.activation.stats import InputStats, LayerSummary
 from sparsecraft.activation.thresholds import (
-    METHODS,
+    THRESHOLD_METHODS,
     ActivationThreshold,
     Attachment,
     ThresholdSpec,
@@ -24,7 +24,7 @@ from sparsecraft.activation.thresholds import (
 )
 
 __all__ = [
-    "METHODS", "ActivationThreshold", "Attachment", "CurvePoint", "InputStats", "LayerCosts", "LayerSummary",
+    "THRESHOLD_METHODS", "ActivationThreshold", "Attachment", "CurvePoint", "InputStats", "LayerCosts", "LayerSummary",
     "ThresholdSpec", "attach", "calibrate", "evaluate_plan", "greedy_allocation", "layer_costs", "linear_targets",
     "load_specs", "load_thresholds", "measure", "model_sparsity", "ppl_p_sparsity", "save_thresholds",
     "sparsity_curve", "summarize",

@@ -62,14 +62,14 @@ def wina_spec(stats: InputStats, sparsity: float) -> ThresholdSpec:
     return ThresholdSpec(t, stats.col_norm.clone(), stats.wina.fraction_below(t), "wina")
 
 
-METHODS: dict[str, Callable[[InputStats, float], ThresholdSpec]] = {"teal": teal_spec, "wina": wina_spec}
+THRESHOLD_METHODS: dict[str, Callable[[InputStats, float], ThresholdSpec]] = {"teal": teal_spec, "wina": wina_spec}
 
 
 def calibrate(stats: dict[str, InputStats], sparsity: float | dict[str, float],
               method: str = "teal") -> dict[str, ThresholdSpec]:
     """Per-layer thresholds reaching ``sparsity`` (one value, or fqn -> value) on the measured data."""
-    if method not in METHODS:
-        raise ValueError(f"unknown activation-sparsity method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"unknown activation-sparsity method {method!r}; use one of {', '.join(THRESHOLD_METHODS)}")
     plan = sparsity if isinstance(sparsity, dict) else {fqn: sparsity for fqn in stats}
     for fqn, s in plan.items():
         if fqn not in stats:
@@ -77,7 +77,7 @@ def calibrate(stats: dict[str, InputStats], sparsity: float | dict[str, float],
                              f"{', '.join(list(stats)[:4])}, ...)")
         if not 0.0 <= s < 1.0:
             raise ValueError(f"activation sparsity for {fqn} must be in [0, 1), got {s}; e.g. 0.5")
-    return {fqn: METHODS[method](stats[fqn], s) for fqn, s in plan.items()}
+    return {fqn: THRESHOLD_METHODS[method](stats[fqn], s) for fqn, s in plan.items()}
 
 
 class Attachment:

@@ -7,7 +7,7 @@ from sparsecraft.training.dst import DropAndGrow, DropAndGrowConfig, drop_and_gr
 from sparsecraft.training.finetune import FinetuneConfig, masked_finetune
 from sparsecraft.training.gmp import GMPConfig, GradualMagnitudePruner, magnitude_keep, prune_to_
 from sparsecraft.training.lottery import LotteryConfig, LotteryTicket, load_round, round_sparsity, run_lottery
-from sparsecraft.training.masks import KEEP_BUFFER, MaskState, find_targets
+from sparsecraft.training.masks import KEEP_BUFFER, MaskState, maskable_modules
 from sparsecraft.training.nm import NMTrainer, NMTrainingConfig, mask_decay_alpha, structure_decay_pattern
 from sparsecraft.training.optim import reset_optimizer_state_
 from sparsecraft.training.schedules import SparsitySchedule, cosine_decay, is_update_step, sparsity_at
@@ -39,7 +39,7 @@ __all__ = [
     "cosine_decay",
     "drop_and_grow_keep",
     "drop_fraction_at",
-    "find_targets",
+    "maskable_modules",
     "global_magnitude",
     "is_update_step",
     "magnitude_keep",

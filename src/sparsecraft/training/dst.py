@@ -49,14 +49,6 @@ class DropAndGrowConfig:
             )
 
 
-def set_config(**kw: object) -> DropAndGrowConfig:
-    return DropAndGrowConfig(grow="random", **kw)  # type: ignore[arg-type]
-
-
-def rigl_config(**kw: object) -> DropAndGrowConfig:
-    return DropAndGrowConfig(grow="gradient", **kw)  # type: ignore[arg-type]
-
-
 def is_update_step(config: DropAndGrowConfig, step: int) -> bool:
     t = step - config.start_step
     return t > 0 and t % config.frequency == 0 and step < config.end_step

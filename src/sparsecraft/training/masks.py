@@ -13,6 +13,7 @@ object owns three kinds of hooks, all removable with :meth:`MaskState.remove`:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
@@ -23,17 +24,18 @@ KEEP_BUFFER = "weight_keep"
 TARGET_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
-def find_targets(
+def maskable_modules(
     model: nn.Module,
     types: tuple[type[nn.Module], ...] = TARGET_TYPES,
     exclude: Sequence[str] = (),
 ) -> list[str]:
-    """Fqns of the modules of ``types`` in ``model`` (in module order), minus those whose fqn contains an
-    ``exclude`` substring (e.g. ``exclude=("lm_head",)``)."""
+    """Fqns of every module of ``types`` anywhere in ``model`` (in module order; training masks any model, with or
+    without repeated blocks), minus those matching an ``exclude`` fnmatch pattern (e.g. ``exclude=("lm_head",)``).
+    The one-shot engine's ``engine.blocks.find_targets`` looks inside blocks only."""
     return [
         fqn
         for fqn, module in model.named_modules()
-        if fqn and isinstance(module, types) and not any(x in fqn for x in exclude)
+        if fqn and isinstance(module, types) and not any(fnmatch(fqn, x) for x in exclude)
     ]
 
 
@@ -56,7 +58,7 @@ class MaskState:
         fqns: Sequence[str] | None = None,
     ) -> None:
         keep = dict(keep or {})
-        self.fqns: list[str] = list(fqns) if fqns is not None else (sorted(keep) if keep else find_targets(model))
+        self.fqns: list[str] = list(fqns) if fqns is not None else (sorted(keep) if keep else maskable_modules(model))
         if not self.fqns:
             raise ValueError("no modules to mask: pass fqns=[...] or a model with Linear/Conv2d/Embedding layers")
         unknown = sorted(set(keep) - set(self.fqns))

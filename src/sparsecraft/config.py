@@ -21,6 +21,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 from sparsecraft.allocation import ALLOCATIONS
+from sparsecraft.activation.thresholds import THRESHOLD_METHODS
 from sparsecraft.methods import METHODS
 from sparsecraft.models import DTYPES, check_device
 from sparsecraft.patterns import NM, check_sparsity, parse_pattern
@@ -309,9 +310,7 @@ ACTIVATION_ALLOCATIONS = ("uniform", "greedy", "greedy-block")
 
 
 def _threshold_rules() -> list[str]:
-    from sparsecraft.activation.thresholds import METHODS as RULES  # activation/ sits above config in the house
-
-    return list(RULES)
+    return list(THRESHOLD_METHODS)
 
 
 @dataclass(frozen=True)

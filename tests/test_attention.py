@@ -116,6 +116,13 @@ def test_each_press_keeps_exactly_its_budget(model, method, budget, count) -> No
         assert layer.seen == 40 and cache.get_seq_length() == 40
 
 
+def test_pyramid_layers_split_the_budget(model) -> None:
+    with compress(model, method="snapkv", budget=10, layers="pyramid", sinks=2, window=4) as kv:
+        cache = kv.cache()
+        model(prompt(40), cache=cache, use_cache=True)
+    assert [int(k.max()) for k in cache.kept()] == [15, 5]  # 1.5x and 0.5x of 10, the mean kept exact
+
+
 def test_streaming_keeps_sinks_and_recent_window(model) -> None:
     ids = prompt(40)
     full = DynamicCache(config=model.config)
@@ -278,7 +285,9 @@ def test_merge_keeps_padding_in_its_own_hidden_slot(model) -> None:
         assert pos[:, 1:3].tolist() == [[4, 5]] * HKV and pos[:, 6:].tolist() == [[28, 29, 30, 31]] * HKV
         torch.testing.assert_close(size[:, 1:].sum(-1), torch.full((HKV,), 28.0))  # text never mixes with pads
         hidden = layer.slot_mask(mask.bool()[:, None, None, :], 1, 2, torch.float32)  # as the next token sees it
-        assert torch.all(hidden[..., 0] == torch.finfo(torch.float32).min) and torch.all(hidden[..., 1:] > -1e9)
+        assert torch.all(hidden[..., 0] == torch.finfo(torch.float32).min)
+        # every text slot is visible, with its merge bias log(members) on the logit, the same for a KV head's queries
+        torch.testing.assert_close(hidden[0, :, 0, 1:], layer.log_size[0, :, 1:].repeat_interleave(2, 0))
 
 
 def test_bad_settings_are_one_line_errors(model) -> None:
@@ -357,3 +366,81 @@ def test_block_sparse_in_the_model(model) -> None:
     with pytest.raises(ValueError, match="density"):
         with block_sparse(model, density=0.0):
             pass
+
+
+# ---- evaluation helpers and the CLI ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    from helpers_cli import make_checkpoint, make_text
+
+    root = tmp_path_factory.mktemp("kv")
+    return {"model": make_checkpoint(root / "tiny"), "text": make_text(root / "text.txt", repeats=10)}
+
+
+def test_needle_prompts_and_full_budget_retrieval(model) -> None:
+    from helpers_cli import TEXT, char_tokenizer
+    from sparsecraft.attention.evaluate import needle_accuracy, needle_prompts, needle_room
+
+    tok = char_tokenizer(TEXT + "0123456789?WT")
+    chars = lambda ids: "".join(tok.convert_ids_to_tokens(ids.tolist()))
+    tokens = torch.tensor(tok(TEXT * 3, add_special_tokens=False)["input_ids"])
+    prompts = needle_prompts(tok, tokens, 200, 3)
+    for i, (ids, answer) in enumerate(prompts):
+        text = chars(ids)
+        assert ids.numel() == 200 and text.endswith("What is the secret number? The secret number is")
+        assert f"The secret number is {answer}." in text and len(answer) == 4
+    depths = [chars(ids).index("The secret") for ids, _ in prompts]
+    assert depths[0] < depths[1] < depths[2]  # 10%, 50%, 90% of the haystack
+    with pytest.raises(ValueError, match=f"at least {needle_room(tok)} tokens"):
+        needle_prompts(tok, tokens, needle_room(tok) - 3, 1)
+    full = needle_accuracy(model, tok, prompts, None)
+    with compress(model, method="snapkv", budget=1.0) as kv:
+        assert needle_accuracy(model, tok, prompts, kv) == full
+
+
+def kv_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    from sparsecraft.cli import main
+
+    code = main(argv + ["--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def row(out: str, name: str) -> list[str]:
+    """The columns after the row's name: perplexity, needle, cache MiB, prefill s, decode tok/s."""
+    return next(line for line in out.splitlines() if line.startswith(name))[len(name):].split()
+
+
+def test_cli_kv_eval(tiny_run, capsys) -> None:
+    from sparsecraft import data
+    from sparsecraft.attention.evaluate import long_perplexity
+    from sparsecraft.models import load_model
+
+    base = ["kv", "eval", str(tiny_run["model"]), "--text", str(tiny_run["text"]), "--seqlen", "40", "--chunk",
+            "8", "--decode-steps", "4"]
+    code, out, _ = kv_main(base + ["--method", "h2o", "--budget", "1.0"], capsys)
+    assert code == 0 and "needle retrieval skipped" in out  # 40 tokens cannot hold a needle prompt
+    m, tok = load_model(str(tiny_run["model"]))
+    tokens = data.tokenize(tok, data.read_text(tiny_run["text"]))
+    ppl = long_perplexity(m, tokens, 40, 8, 2, None)
+    full, press_ = row(out, "full"), row(out, "h2o 1")
+    assert float(full[0]) == pytest.approx(ppl, abs=1e-3) and press_[:3] == full[:3]  # budget 1 == full cache
+    code, out, _ = kv_main(base + ["--method", "streaming", "--budget", "10", "--sinks", "2"], capsys)
+    full, press_ = row(out, "full"), row(out, "streaming 10")
+    # 2 layers x K and V x 2 heads x 8 dims x 4 bytes per token: 40 + 4 tokens full, 10 + 4 compressed
+    assert float(full[2]) == pytest.approx(256 * 44 / 2 ** 20, abs=1e-3)
+    assert float(press_[2]) == pytest.approx(256 * 14 / 2 ** 20, abs=1e-3) and "cache x0.318" in out
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--budget", "0"], "budget must be > 0"),
+    (["--method", "snapkv", "--heads", "adaptive", "--budget", "1.5"], "must be whole"),
+    (["--seqlen", "60"], "longer than the model's context (64 tokens)"),
+    (["--chunk", "40"], "must be shorter than seqlen"),
+    (["--text", "/nonexistent.txt"], "does not exist"),
+])
+def test_cli_kv_bad_input_is_one_line(tiny_run, capsys, flags, words) -> None:
+    code, out, err = kv_main(["kv", "eval", str(tiny_run["model"]), "--text", str(tiny_run["text"]), "--seqlen",
+                              "40", *flags], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1

@@ -53,21 +53,35 @@ def long_perplexity(model: nn.Module, tokens: torch.Tensor, context: int, chunk:
     return math.exp(nll / (samples * chunk))
 
 
+NEEDLE = "\nThe secret number is {}.\n"
+QUESTION = "\nWhat is the secret number? The secret number is"
+MIN_HAYSTACK = 16  # tokens of real text at the least around the needle
+
+
+def _encode(tokenizer: Any, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def needle_room(tokenizer: Any) -> int:
+    """The shortest prompt that holds a needle, the question and a minimal haystack, in tokens."""
+    longest = max(_encode(tokenizer, NEEDLE.format(d * 4)).numel() for d in "0123456789")
+    return longest + _encode(tokenizer, QUESTION).numel() + MIN_HAYSTACK + 2
+
+
 def needle_prompts(tokenizer: Any, tokens: torch.Tensor, context: int, n: int, seed: int = 0
                    ) -> list[tuple[torch.Tensor, str]]:
     """``n`` prompts of ``context`` tokens: a haystack of real text with one sentence "The secret number is NNNN."
     inserted at depths spread from 10% to 90%, then the question. Returns (ids (context,), answer)."""
     rng = random.Random(seed)
-    enc = lambda s: torch.tensor(tokenizer(s, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    question = _encode(tokenizer, QUESTION)
     out = []
     for i in range(n):
         answer = str(rng.randint(1000, 9999))
-        needle = enc(f"\nThe secret number is {answer}.\n")
-        question = enc("\nWhat is the secret number? The secret number is")
+        needle = _encode(tokenizer, NEEDLE.format(answer))
         hay = context - needle.numel() - question.numel()
-        if hay < 16 or tokens.numel() < hay:
-            raise ValueError(f"context {context} is too short for a needle, or the text too short for the "
-                             f"haystack; raise --context or give a longer text")
+        if hay < MIN_HAYSTACK or tokens.numel() < hay:
+            raise ValueError(f"a needle prompt of {context} tokens needs at least {needle_room(tokenizer)} tokens "
+                             f"and a text at least as long; raise --seqlen or give a longer text")
         start = rng.randint(0, tokens.numel() - hay)
         depth = round(hay * (0.1 + 0.8 * i / max(1, n - 1)))
         h = tokens[start:start + hay]

@@ -2,10 +2,15 @@
 
 fused.py    fused 3-D expert tensors <-> per-expert nn.Linear views (``unfused_experts``)
 prune.py    ``moe_aware`` (wraps ``sparsecraft.prune``), MoEPruneResult, router exclusion
+experts.py  REAP expert removal and output-similarity merging -> a plain smaller HF model (``reduce_experts``)
+moefy.py    dense gated MLPs -> MoEMLP (balanced k-means over co-activation, fitted router), save / load
 """
 
 from sparsecraft.moe.fused import ExpertMLP, UnfusedExperts, find_fused_experts, unfused_experts
+from sparsecraft.moe.experts import ExpertConfig, ExpertResult, expert_statistics, reduce_experts
+from sparsecraft.moe.moefy import MoEfyConfig, MoEfyResult, load_moefied, moefy_, save_moefied, set_top_k_
 from sparsecraft.moe.prune import ROUTER_PATTERNS, MoEPruneResult, is_moe, moe_aware
 
-__all__ = ["ROUTER_PATTERNS", "ExpertMLP", "MoEPruneResult", "UnfusedExperts", "find_fused_experts", "is_moe",
-           "moe_aware", "unfused_experts"]
+__all__ = ["ROUTER_PATTERNS", "ExpertConfig", "ExpertMLP", "ExpertResult", "MoEPruneResult", "MoEfyConfig",
+           "MoEfyResult", "UnfusedExperts", "expert_statistics", "find_fused_experts", "is_moe", "load_moefied",
+           "moe_aware", "moefy_", "reduce_experts", "save_moefied", "set_top_k_", "unfused_experts"]

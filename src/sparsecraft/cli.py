@@ -16,7 +16,7 @@ import typing
 from sparsecraft import __version__
 
 # Each module exposes register(subparsers) and sets func=run(args) -> int. Optional ones may be absent.
-COMMANDS = ["prune", "eval", "inspect", "pack", "bench", "finetune", "sweep", "activations", "shrink", "kv", "moe", "moe"]
+COMMANDS = ["prune", "eval", "inspect", "pack", "bench", "finetune", "sweep", "activations", "shrink", "kv", "moe"]
 
 log = logging.getLogger("sparsecraft")
 

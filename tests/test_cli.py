@@ -69,6 +69,13 @@ def test_hf_reload_gives_exact_pruned_weights_and_packed_roundtrip(pruned):
     assert all(torch.equal(packed[k], sd[k]) for k in sd)
 
 
+def test_pack_of_a_prune_output_equals_its_packed_file(pruned, tmp_path):
+    assert main(["pack", str(pruned), "--output", str(tmp_path / "packed"), "-q"]) == 0
+    again, original = (load_packed_state_dict(d) for d in (tmp_path / "packed", pruned / "sparse"))
+    assert set(again) == set(original) and all(torch.equal(again[k], original[k]) for k in original)
+    assert (tmp_path / "packed" / "settings.json").is_file()
+
+
 def test_same_seed_same_result(assets, pruned, tmp_path):
     out = tmp_path / "again"
     assert main(prune_args(assets, out, "--method", "sparsegpt")) == 0

@@ -26,7 +26,7 @@ def pruned_dir(tmp_path_factory):
             model.get_submodule(f).weight.mul_(keep)
     model.save_pretrained(folder)
     save_masks(masks, folder / "masks.safetensors")
-    (folder / "plan.json").write_text(json.dumps({"pattern": "2:4"}))
+    (folder / "settings.json").write_text(json.dumps({"pattern": "2:4"}))
     return folder, model, masks
 
 
@@ -43,7 +43,7 @@ def test_pack_writes_an_exact_packed_checkpoint(pruned_dir, tmp_path):
     state = load_packed_state_dict(tmp_path / "out")
     for f, keep in masks.items():
         assert torch.equal(state[f"{f}.weight"], model.get_submodule(f).weight.detach())
-    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "plan.json").is_file()
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "settings.json").is_file()
 
 
 def test_pack_errors_are_one_line_and_say_how_to_fix(pruned_dir, tmp_path):
@@ -58,7 +58,7 @@ def test_pack_errors_are_one_line_and_say_how_to_fix(pruned_dir, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "masks.safetensors").write_bytes((folder / "masks.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="plan.json"):
+    with pytest.raises(ValueError, match="settings.json"):
         args = _parse(pack, ["pack", str(bad), "--output", str(tmp_path / "o")])
         args.func(args)
 

@@ -1,10 +1,10 @@
 """``sparsecraft pack CHECKPOINT_DIR --output DIR``: write the packed sparse checkpoint of a pruned HF folder.
 
-The input is a Hugging Face checkpoint folder with ``masks.safetensors`` (torch.bool keep-masks keyed by module
-fqn) and ``plan.json`` (at least {"pattern": "2:4"}), as written by ``sparsecraft prune`` or ``train``. The output
+The input is a Hugging Face checkpoint folder with ``masks.safetensors`` (keep-masks keyed by module fqn) and
+``settings.json`` (at least {"pattern": "2:4"}), as written by ``sparsecraft prune`` or ``finetune``. The output
 folder gets ``model.safetensors`` in the packed layout (docs/formats.md, readable by
 ``sparsecraft.checkpoint.load_packed_state_dict`` and ``sparsecraft.checkpoint.load_packed_model_``), plus the
-config, tokenizer and plan files.
+config, tokenizer and settings files.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from sparsecraft.models import load_model, parse_dtype
 from sparsecraft.patterns import parse_pattern
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "plan.json")
+          "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "settings.json", "plan.json")
+SETTINGS_FILES = ("settings.json", "plan.json")  # plan.json: folders of sparsecraft 0.1
 
 
 def load_model_only(spec: str, dtype: torch.dtype) -> nn.Module:
@@ -34,7 +35,7 @@ def load_model_only(spec: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype or "auto").eval()  # None: the stored dtype
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise ValueError(f"could not load a model from {spec}: {str(e).splitlines()[0][:300]}; it needs config.json "
                          f"and model weights (a Hugging Face checkpoint folder)") from None
@@ -43,24 +44,30 @@ def load_model_only(spec: str, dtype: torch.dtype) -> nn.Module:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack a pruned checkpoint into the sparse on-disk format",
                        description="Pack a pruned Hugging Face checkpoint folder (with masks.safetensors and "
-                                   "plan.json) into sparse formats: values + bitmask, N:M or block.")
-    p.add_argument("checkpoint", help="folder with a HF checkpoint, masks.safetensors and plan.json")
+                                   "settings.json) into sparse formats: values + bitmask, N:M or block.")
+    p.add_argument("checkpoint", help="folder with a HF checkpoint, masks.safetensors and settings.json")
     p.add_argument("--output", required=True, help="output folder for the packed checkpoint")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the plan's, else float32)")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: the run's settings, "
+                                                 "else auto = the checkpoint's own dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run)
 
 
 def read_plan(folder: Path) -> dict:
-    path = folder / "plan.json"
-    if not path.is_file():
-        raise ValueError(f"{folder} has no plan.json; write one with at least {{\"pattern\": \"2:4\"}} "
-                         f"(or 'unstructured', '4x4')")
+    """The run's settings: ``settings.json`` (written by prune and finetune), else a ``plan.json`` of sparsecraft
+    0.1; it must name the ``pattern``."""
+    for name in SETTINGS_FILES:
+        path = folder / name
+        if path.is_file():
+            break
+    else:
+        raise ValueError(f"{folder} has no settings.json; pass a folder written by `sparsecraft prune`, or write one "
+                         f"with at least {{\"pattern\": \"2:4\"}} (or 'unstructured', '4x4')")
     try:
         plan = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix it or rewrite it as {{\"pattern\": \"2:4\"}}") from None
-    if not isinstance(plan, dict) or "pattern" not in plan:
+    if not isinstance(plan, dict) or not isinstance(plan.get("pattern"), str):
         raise ValueError(f"{path} has no 'pattern' entry; add e.g. \"pattern\": \"2:4\" or \"unstructured\"")
     return plan
 
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     check_inputs(checkpoint)
     plan = read_plan(checkpoint)
     pattern = parse_pattern(plan["pattern"])
-    dtype = parse_dtype(args.dtype or plan.get("dtype") or "float32")
+    dtype = parse_dtype(args.dtype or plan.get("dtype") or "auto")
     masks = load_masks(checkpoint / "masks.safetensors")
     model = load_model_only(str(checkpoint), dtype)
     check_masks(model, masks)

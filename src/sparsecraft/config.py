@@ -138,7 +138,7 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     return body
 
 
-def _check_common(cfg: Any) -> None:
+def check_common(cfg: Any) -> None:
     for name in ("nsamples", "seqlen", "batch_size"):
         if hasattr(cfg, name) and getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -189,7 +189,7 @@ class RunConfig:
             check_sparsity(self.sparsity)
             if isinstance(pattern, NM) and abs(self.sparsity - pattern.sparsity) > 1e-9:
                 raise ValueError(f"pattern {pattern} fixes the sparsity at {pattern.sparsity:g}; drop --sparsity")
-        _check_common(self)
+        check_common(self)
         if self.reconstruct_steps < 0:
             raise ValueError(f"reconstruct_steps must be >= 0, got {self.reconstruct_steps}")
         for s in self.layer_sparsity.values():
@@ -228,7 +228,7 @@ class EvalConfig:
     dtype: str = shared("dtype")
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_common(self)
         if self.eval_windows < 1:
             raise ValueError(f"eval_windows must be >= 1, got {self.eval_windows}")
 
@@ -257,7 +257,7 @@ class SweepConfig:
     dtype: str = shared("dtype")
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_common(self)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"unknown methods {bad}; valid methods: {', '.join(sorted(METHODS))}")
@@ -298,7 +298,7 @@ class FinetuneRunConfig:
     def __post_init__(self) -> None:
         if not self.pruned:
             raise ValueError("pass the folder written by `sparsecraft prune` as the first argument")
-        _check_common(self)
+        check_common(self)
         for name in ("steps", "train_seqlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -338,7 +338,7 @@ class ActivationsConfig:
     thresholds: str = opt("", "eval: a thresholds.safetensors written by calibrate")
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_common(self)
         check_sparsity(self.sparsity)
         for name in ("eval_windows", "cost_windows"):
             if getattr(self, name) < 1:

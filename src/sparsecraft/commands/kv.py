@@ -17,7 +17,7 @@ from sparsecraft import data
 from sparsecraft.attention import PRESSES, KVConfig
 from sparsecraft.attention.evaluate import evaluate_press, needle_room
 from sparsecraft.commands.options import add_config_arguments, config_from_args
-from sparsecraft.config import _check_common, opt, shared
+from sparsecraft.config import check_common, opt, shared
 from sparsecraft.models import context_length, load_model
 
 
@@ -46,7 +46,7 @@ class KVEvalConfig:
     dtype: str = opt("float32", "float32 | bfloat16 | float16 | auto")
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_common(self)
         self.press()  # the press settings fail here, before anything loads
         for name in ("chunk", "needles", "decode_steps"):
             if getattr(self, name) < 0:

@@ -16,64 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from sparsecraft import formats
 from sparsecraft.engine.blocks import is_conv1d
+from sparsecraft.formats.masks import MASKS_META, decode_mask, load_masks, save_masks  # noqa: F401 (re-exported)
 from sparsecraft.io import atomic_save_tensors
-from sparsecraft.kernels.layout import pack_bits, pad_bits_clear, unpack_bits
 from sparsecraft.modules import SparseLinear, swap_module_
 from sparsecraft.patterns import Pattern
 
 PACKED_FILE = "model.safetensors"
-MASKS_META = "sparsecraft_masks"  # metadata key: JSON {fqn: shape} of the bitmasks
-
-
-def save_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
-    """Keep-masks, one bit per weight: each mask (rows, cols) is stored as its bitmask rows, uint8
-    (rows, ceil(cols / 8)) in the bit order of sparsecraft.kernels.layout, and its shape in the metadata."""
-    shapes = {fqn: list(m.shape) for fqn, m in masks.items()}
-    bits = {fqn: pack_bits(m.bool().cpu().reshape(m.shape[0], -1)) for fqn, m in masks.items()}
-    atomic_save_tensors(bits, path, metadata={MASKS_META: json.dumps(shapes)})
-
-
-def load_masks(path: Path) -> dict[str, torch.Tensor]:
-    """Read ``save_masks``' file (or an older one that stores torch.bool masks) -> {fqn: keep bool}, validated."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(MASKS_META)
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"cannot read masks from {path} ({e}); the file is missing or corrupt") from None
-    if text is None:  # one byte per weight (sparsecraft 0.1)
-        if any(v.dtype != torch.bool for v in raw.values()):
-            raise ValueError(f"{path}: masks must be torch.bool or sparsecraft bitmasks; the file is corrupt")
-        return raw
-    try:
-        shapes = json.loads(text)
-    except json.JSONDecodeError:
-        shapes = None
-    if not isinstance(shapes, dict) or set(shapes) != set(raw):
-        raise ValueError(f"{path}: the mask shapes in the metadata do not match the stored masks; the file is corrupt")
-    return {fqn: decode_mask(bits, shapes[fqn], f"{path}: mask {fqn}") for fqn, bits in raw.items()}
-
-
-def decode_mask(bits: torch.Tensor, shape: object, name: str) -> torch.Tensor:
-    """One stored bitmask and its recorded shape -> keep (shape) bool, validated."""
-    if not (isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise ValueError(f"{name} has an invalid shape {shape!r}; the file is corrupt")
-    rows, cols = shape[0], math.prod(shape[1:])
-    if bits.dtype != torch.uint8 or tuple(bits.shape) != (rows, (cols + 7) // 8) or not pad_bits_clear(bits, cols):
-        raise ValueError(f"{name} is not a ({rows}, {(cols + 7) // 8}) uint8 bitmask with clear pad bits; the file "
-                         f"is corrupt")
-    return unpack_bits(bits, cols).reshape(shape)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:

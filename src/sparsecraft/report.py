@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 from collections import defaultdict
@@ -77,23 +78,49 @@ def terminal_table(report: dict[str, Any]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
+def layer_grid(layers: list[dict[str, Any]], key: str) -> tuple[list[int], list[str], list[list[float]]]:
+    """Per-layer values -> (block indices, layer types, matrix [block][type], NaN where a block lacks the type).
+    The block is the first integer in the fqn; the type is what follows it (e.g. ``self_attn.q_proj``)."""
+    cells: dict[tuple[int, str], float] = {}
+    for rec in layers:
+        parts = rec["fqn"].split(".")
+        i = next((j for j, p in enumerate(parts) if p.isdigit()), None)
+        block, kind = (int(parts[i]), ".".join(parts[i + 1:])) if i is not None else (0, rec["fqn"])
+        cells[(block, kind)] = float(rec[key])
+    blocks = sorted({b for b, _ in cells})
+    kinds = list(dict.fromkeys(k for _, k in cells))
+    return blocks, kinds, [[cells.get((b, k), math.nan) for k in kinds] for b in blocks]
+
+
 def plots(report: dict[str, Any], folder: Path) -> list[str]:
+    """layer_sparsity.png and layer_error.png: blocks x layer-type heatmaps (error on a log colour scale when it
+    spans a decade or more); perplexity.png: dense vs sparse bars with their values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     folder.mkdir(parents=True, exist_ok=True)
     layers = list(report["layers"].values())
-    names = [r["fqn"] for r in layers]
     made = []
     for key, label, fname in [("sparsity", "realized sparsity", "layer_sparsity.png"),
                               ("error", "relative reconstruction error", "layer_error.png")]:
-        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.06), 3.2))
-        ax.bar(range(len(names)), [r[key] for r in layers], width=1.0)
-        ax.set_xlabel("layer (in model order)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} per layer")
+        blocks, kinds, grid = layer_grid(layers, key)
+        values = [v for row in grid for v in row if math.isfinite(v)]
+        if not values:
+            continue
+        positive = [v for v in values if v > 0]
+        norm = LogNorm(min(positive), max(positive)) if key == "error" and positive and \
+            max(positive) >= 10 * min(positive) else None
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.22 * len(blocks)))
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+        ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] for k in kinds], rotation=45, ha="right")
+        ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+        ax.set_xlabel("layer type")
+        ax.set_ylabel("block")
+        ax.set_title(f"{label}{' (log scale)' if norm is not None else ''}")
+        fig.colorbar(image, ax=ax, label=label)
         fig.tight_layout()
         fig.savefig(folder / fname, dpi=110)
         plt.close(fig)
@@ -101,8 +128,10 @@ def plots(report: dict[str, Any], folder: Path) -> list[str]:
     ppl = report["perplexity"]
     if ppl["dense"] is not None:
         fig, ax = plt.subplots(figsize=(4, 3.2))
-        ax.bar(["dense", "sparse"], [ppl["dense"], ppl["sparse"]], color=["#777", "#c33"])
+        bars = ax.bar(["dense", "sparse"], [ppl["dense"], ppl["sparse"]], color=["#777", "#c33"])
+        ax.bar_label(bars, fmt="%.2f")
         ax.set_ylabel("perplexity (lower is better)")
+        ax.margins(y=0.15)
         fig.tight_layout()
         fig.savefig(folder / "perplexity.png", dpi=110)
         plt.close(fig)

@@ -12,18 +12,17 @@ layers (timed with forward hooks on the dense model).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.util
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparsecraft.kernels import available_isas, isa_scope
+from sparsecraft.evaluate import decode_race, greedy_decode
+from sparsecraft.kernels import available_isas
 
 from sparsecraft.patterns import topk_mask
 from sparsecraft.modules.sparse_linear import sparsify_model_
@@ -53,35 +52,10 @@ def magnitude_masks(model: nn.Module, case: str) -> dict[str, torch.Tensor]:
 
 
 def greedy(model: nn.Module, ids: torch.Tensor, new_tokens: int, isa: str | None = None) -> tuple[torch.Tensor, float]:
-    """-> (generated ids, decode tokens/s excluding the prompt's prefill). The KV cache is a ``DynamicCache``
-    passed as ``cache=`` (transformers 5.24 renamed ``past_key_values`` and removes the old name in 5.40); the
-    sparse kernels run on ``isa`` (default: this CPU's)."""
-    scope = isa_scope(isa) if isa else contextlib.nullcontext()
-    with torch.inference_mode(), scope:
-        cache = DynamicCache(config=model.config)
-        out = model(ids, cache=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens = [nxt]
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            out = model(nxt, cache=cache, use_cache=True)  # the cache object grows in place
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-        seconds = time.perf_counter() - start
-    return torch.cat(tokens, 1), (new_tokens - 1) / seconds
+    return greedy_decode(model, ids, new_tokens, isa)
 
 
-def race(models: dict[str, tuple[nn.Module, str | None]], ids: torch.Tensor, new_tokens: int, rounds: int
-         ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Greedy-decode every (model, isa) ``rounds`` times, interleaved (so machine noise hits all alike) ->
-    (median tokens/s per name, the generated ids per name)."""
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    outs: dict[str, torch.Tensor] = {}
-    for _ in range(rounds):
-        for name, (model, isa) in models.items():
-            outs[name], rate = greedy(model, ids, new_tokens, isa)
-            rates[name].append(rate)
-    return {name: statistics.median(r) for name, r in rates.items()}, outs
+race = decode_race  # the other decode benches import it from here
 
 
 def linear_share(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> float:

@@ -1,13 +1,23 @@
-"""Perplexity: exp of the mean next-token negative log-likelihood over every predicted token."""
+"""Quality and speed of a model as sparsecraft runs it: perplexity (exp of the mean next-token negative
+log-likelihood over every predicted token) and greedy-decode tokens/s (dense vs packed, interleaved in one run)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import statistics
+import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from sparsecraft.kernels import isa_scope
+from sparsecraft.modules import sparsify_model_
+from sparsecraft.patterns import Pattern
 
 
 @torch.no_grad()
@@ -25,3 +35,55 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
         count += target.numel()
     return math.exp(nll / count)
+
+
+def greedy_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, isa: str | None = None
+                  ) -> tuple[torch.Tensor, float]:
+    """Greedy decoding of ``new_tokens`` after the prompt ``ids`` (1, T) -> (generated ids (1, new_tokens), decode
+    tokens/s excluding the prompt's prefill). The KV cache is a ``DynamicCache`` passed as ``cache=`` (transformers
+    5.24 renamed ``past_key_values``); the sparse kernels run on ``isa`` (default: this CPU's best)."""
+    from transformers import DynamicCache
+
+    scope = isa_scope(isa) if isa else contextlib.nullcontext()
+    with torch.inference_mode(), scope:
+        cache = DynamicCache(config=model.config)
+        out = model(ids, cache=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [nxt]
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(nxt, cache=cache, use_cache=True)  # the cache object grows in place
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+        seconds = time.perf_counter() - start
+    return torch.cat(tokens, 1), (new_tokens - 1) / max(seconds, 1e-9)
+
+
+def decode_race(models: Mapping[str, nn.Module | tuple[nn.Module, str | None]], ids: torch.Tensor, new_tokens: int,
+                rounds: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Greedy-decode every model (or (model, kernel isa)) ``rounds`` times, interleaved so that machine noise hits
+    all alike -> (median decode tokens/s per name, the generated ids per name)."""
+    entries = {name: m if isinstance(m, tuple) else (m, None) for name, m in models.items()}
+    rates: dict[str, list[float]] = {name: [] for name in entries}
+    outs: dict[str, torch.Tensor] = {}
+    for _ in range(rounds):
+        for name, (model, isa) in entries.items():
+            outs[name], rate = greedy_decode(model, ids, new_tokens, isa)
+            rates[name].append(rate)
+    return {name: statistics.median(r) for name, r in rates.items()}, outs
+
+
+def decode_speed(model: nn.Module, masks: Mapping[str, torch.Tensor], pattern: Pattern | str, ids: torch.Tensor,
+                 new_tokens: int = 32, rounds: int = 3) -> dict[str, float]:
+    """Decode tokens/s of ``model`` (pruned, weights masked in place) as it is, vs a copy whose masked Linear layers
+    are packed SparseLinear modules, in one interleaved run: {"dense_tok_s", "packed_tok_s", "speedup",
+    "same_tokens" (fraction of greedy tokens that agree), "new_tokens", "rounds"}. Only ``nn.Linear`` layers are
+    packed (GPT-2 Conv1D layers stay dense)."""
+    packed = copy.deepcopy(model)
+    linear = {f: m for f, m in masks.items() if isinstance(packed.get_submodule(f), nn.Linear)}
+    sparsify_model_(packed, dict(linear), pattern)
+    rates, outs = decode_race({"dense": model, "packed": packed}, ids, new_tokens, rounds)
+    same = float((outs["dense"] == outs["packed"]).float().mean())
+    return {"dense_tok_s": rates["dense"], "packed_tok_s": rates["packed"],
+            "speedup": rates["packed"] / rates["dense"], "same_tokens": same, "new_tokens": new_tokens,
+            "rounds": rounds}

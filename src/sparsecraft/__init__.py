@@ -9,6 +9,7 @@ __version__ = "0.2.0"
 
 from sparsecraft.api import allocate, prune  # noqa: E402
 from sparsecraft.engine.record import PruneResult  # noqa: E402
+from sparsecraft import hf_quantizer as _hf_quantizer  # noqa: E402, F401  registers quant_method "sparsecraft"
 from sparsecraft.methods import METHODS, get_method, register_method  # noqa: E402
 from sparsecraft.models import load_model  # noqa: E402
 from sparsecraft.patterns import NM, Block, Unstructured, parse_pattern, topk_mask  # noqa: E402

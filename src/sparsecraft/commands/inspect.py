@@ -1,20 +1,34 @@
-"""``sparsecraft inspect PATH``: per-layer sparsity and pattern of a checkpoint, as a table."""
+"""``sparsecraft inspect PATH``: per-layer sparsity and pattern of a checkpoint, as a table, and the sparsity over
+the prunable layers and over all parameters, separately.
+
+PATH may be a dense folder or file (zeros counted, or ``masks.safetensors`` beside it), the output folder of
+``sparsecraft prune`` (dense weights + masks), or a packed folder or file (``OUT/sparse``, ``sparsecraft pack``): the
+packed weights are read through sparsecraft.checkpoint and their keep-masks decoded from the packed format.
+Prunable layers: the 2-D weights inside the numbered blocks (``...layers.N...``) and every weight a mask or the
+packed file names; embeddings and the LM head are counted only in "all parameters".
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sparsecraft.checkpoint import PACKED_FILE, load_masks, load_packed_state_dict
+from sparsecraft import formats
+from sparsecraft.checkpoint import PACKED_FILE, load_masks, load_packed_state_dict, read_packed_file
 from sparsecraft.patterns import NM, satisfies
+
+IN_BLOCK = re.compile(r"\.\d+\.")  # a key inside a numbered block, e.g. model.layers.3.mlp.up_proj.weight
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="per-layer sparsity and pattern of a checkpoint")
-    p.add_argument("path", help="output folder of `sparsecraft prune`, a HF folder, or a .safetensors file")
+    p.add_argument("path", help="output folder of `sparsecraft prune`, a packed folder (OUT/sparse), a HF folder, or "
+                                "a .safetensors file")
     p.add_argument("--all", action="store_true", help="also list dense (unpruned) 2-D weights")
     p.set_defaults(func=run)
 
@@ -28,45 +42,81 @@ def detect_pattern(zero: torch.Tensor) -> str:
     return "unstructured"
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
+def _file(path: Path) -> Path:
     if path.is_dir():
-        if (path / "model.safetensors").is_file():
-            path = path / "model.safetensors"
-        elif (path / "sparse" / PACKED_FILE).is_file():
-            return load_packed_state_dict(path / "sparse")
-        else:
-            raise ValueError(f"{path} holds no model.safetensors; pass a checkpoint folder or .safetensors file")
+        if (path / PACKED_FILE).is_file():
+            return path / PACKED_FILE
+        if (path / "sparse" / PACKED_FILE).is_file():
+            return path / "sparse" / PACKED_FILE
+        raise ValueError(f"{path} holds no model.safetensors; pass a checkpoint folder or .safetensors file")
     if not path.is_file():
         raise ValueError(f"{path} does not exist; pass a checkpoint folder or a .safetensors file")
+    return path
+
+
+def _is_packed(file: Path) -> bool:
     try:
-        return load_file(str(path))
+        with safe_open(str(file), framework="pt") as f:
+            return "sparsecraft" in (f.metadata() or {})
     except Exception as e:
-        raise ValueError(f"cannot read {path} ({e}); the file is corrupt or not safetensors") from None
+        raise ValueError(f"cannot read {file} ({e}); the file is corrupt or not safetensors") from None
+
+
+def _packed_keeps(file: Path) -> dict[str, torch.Tensor]:
+    """{fqn: keep (shape of the model's weight)} of every packed weight, decoded from the packed format."""
+    raw, meta = read_packed_file(file, select=lambda key: "@" in key)
+    keeps = {}
+    for key, info in meta["packed"].items():
+        parts = {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(key + "@")}
+        keep = formats.from_tensors(parts, key).keep()
+        keeps[key.removesuffix(".weight")] = keep.T if info.get("transposed") else keep
+    return keeps
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """-> (weights, each tensor once; {fqn: keep} from masks or the packed file; what the keeps came from)."""
+    file = _file(path)
+    if _is_packed(file):
+        state = load_packed_state_dict(file)
+        unique = {id(t): k for k, t in reversed(list(state.items()))}  # tied aliases share one tensor: count once
+        return {k: state[k] for k in sorted(unique.values())}, _packed_keeps(file), "packed"
+    try:
+        weights = load_file(str(file))
+    except Exception as e:
+        raise ValueError(f"cannot read {file} ({e}); the file is corrupt or not safetensors") from None
+    masks_file = path / "masks.safetensors" if path.is_dir() else None
+    if masks_file is not None and masks_file.is_file():
+        return weights, load_masks(masks_file), "mask"
+    return weights, {}, "zeros"
 
 
 def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    weights = _weights(path)
-    masks = load_masks(path / "masks.safetensors") if (path / "masks.safetensors").is_file() else {}
-    rows = []
+    weights, keeps, source = read_checkpoint(path)
+    rows, prunable, pruned_zeros, pruned_total, all_zeros, all_total = [], 0, 0, 0, 0, 0
     for key, w in weights.items():
-        if w.ndim != 2 or not key.endswith(".weight"):
-            continue
         fqn = key.removesuffix(".weight")
-        zero = ~masks[fqn] if fqn in masks else (w == 0)
-        if not args.all and fqn not in masks and not bool(zero.any()):
+        zero = ~keeps[fqn] if fqn in keeps else (w == 0)
+        n_zero = int(zero.sum())
+        all_zeros, all_total = all_zeros + n_zero, all_total + w.numel()
+        if w.ndim != 2 or not key.endswith(".weight") or not (fqn in keeps or IN_BLOCK.search(key)):
             continue
-        z2d = zero.T if fqn in masks and masks[fqn].shape != w.shape else zero
-        rows.append((fqn, f"{w.shape[0]}x{w.shape[1]}", f"{float(zero.float().mean()):.4f}", detect_pattern(z2d),
-                     "mask" if fqn in masks else "zeros"))
-    if not rows:
-        print("no sparse 2-D weights found")
-        return 0
-    head = ("layer", "shape", "sparsity", "pattern", "from")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
-    for r in [head] + rows:
-        print("  ".join(c.ljust(wd) for c, wd in zip(r, widths)))
-    total = sum(int(weights[f + ".weight"].numel()) for f, *_ in rows)
-    zeros = sum(float(r[2]) * weights[r[0] + ".weight"].numel() for r in rows)
-    print(f"\n{len(rows)} layers, overall sparsity {zeros / total:.4f}")
+        prunable, pruned_zeros, pruned_total = prunable + 1, pruned_zeros + n_zero, pruned_total + w.numel()
+        if not args.all and n_zero == 0:
+            continue
+        z2d = zero.T if tuple(zero.shape) != tuple(w.shape) else zero
+        rows.append((fqn, f"{w.shape[0]}x{w.shape[1]}", f"{n_zero / w.numel():.4f}", detect_pattern(z2d),
+                     source if fqn in keeps else "zeros"))
+    if rows:
+        head = ("layer", "shape", "sparsity", "pattern", "from")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+        for r in [head] + rows:
+            print("  ".join(c.ljust(wd) for c, wd in zip(r, widths)))
+        print()
+    else:
+        print("no sparse prunable 2-D weights found\n")
+    print(f"prunable layers: {prunable} ({sum(1 for r in rows if float(r[2]) > 0)} sparse), sparsity "
+          f"{pruned_zeros / max(1, pruned_total):.4f} ({pruned_zeros} of {pruned_total} weights are zero)")
+    print(f"all parameters: sparsity {all_zeros / max(1, all_total):.4f} ({all_zeros} of {all_total} are zero); "
+          f"read from: {source if source != 'mask' else 'dense weights + masks.safetensors'}")
     return 0

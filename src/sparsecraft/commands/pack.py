@@ -4,7 +4,8 @@ The input is a Hugging Face checkpoint folder with ``masks.safetensors`` (keep-m
 ``settings.json`` (at least {"pattern": "2:4"}), as written by ``sparsecraft prune`` or ``finetune``. The output
 folder gets ``model.safetensors`` in the packed layout (docs/formats.md, readable by
 ``sparsecraft.checkpoint.load_packed_state_dict`` and ``sparsecraft.checkpoint.load_packed_model_``), plus the
-config, tokenizer and settings files.
+config (with ``quant_method: "sparsecraft"``: ``AutoModelForCausalLM.from_pretrained`` loads it after ``import
+sparsecraft``, see sparsecraft.hf_quantizer), tokenizer, generation config and settings files.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from sparsecraft.checkpoint import PACKED_FILE, load_masks, save_packed
+from sparsecraft.hf_quantizer import complete_packed_folder
 from sparsecraft.io import StagedOutput, check_output
 from sparsecraft.models import load_model, parse_dtype
 from sparsecraft.patterns import parse_pattern
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         for name in COPIED:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, stage.path / name)
+        complete_packed_folder(stage.path, checkpoint)  # config.json with quant_method sparsecraft, tokenizer
     ratio = sizes["packed_bytes"] / max(1, sizes["dense_bytes"])
     print(f"packed {len(masks)} weights ({pattern}): {sizes['dense_bytes'] / 2**20:.1f} MiB dense -> "
           f"{sizes['packed_bytes'] / 2**20:.1f} MiB packed ({100 * ratio:.1f}%); wrote {args.output}/{PACKED_FILE}")

@@ -18,13 +18,15 @@ from typing import Any
 
 import torch
 
-from sparsecraft import data, evaluate, report
+from sparsecraft import data, evaluate, lmeval, report
 from sparsecraft.api import allocate, plan_prune, prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.commands.options import add_config_arguments, add_output_arguments, config_from_args
+from sparsecraft.commands.prune_streamed import run_streamed, use_streaming
 from sparsecraft.config import RunConfig, read_settings
 from sparsecraft.engine.reconstruct import block_reconstruction_hook
 from sparsecraft.engine.resume import ResumeState, content_fingerprint, text_digest
+from sparsecraft.hf_quantizer import complete_packed_folder
 from sparsecraft.io import MARKER, StagedOutput, atomic_write_text, check_output
 from sparsecraft.memory import PeakMemory
 from sparsecraft.models import check_seqlen, load_model, resolve_model
@@ -46,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "'method_options' and 'allocation_options'; an output's settings.json repeats "
                                       "its run")
     add_output_arguments(p, "runs/prune", resume=True)
+    p.add_argument("--no-stream", action="store_true", dest="no_stream",
+                   help="load the whole model even when it is a local safetensors folder (which is otherwise pruned "
+                        "and evaluated one block at a time)")
     p.set_defaults(func=run)
 
 
@@ -91,8 +96,13 @@ def run(args: argparse.Namespace) -> int:
                          f"--overwrite to start again")
     progress = args.progress
     t_start = time.perf_counter()
-    calib_text = data.read_text(cfg.calib, "calib")  # texts first: a bad path fails before the model loads
-    eval_text = data.read_text(cfg.eval, "eval") if cfg.eval_windows else None
+    calib_text = data.source_text(None if cfg.calib_dataset else cfg.calib, cfg.calib_dataset, "calib")  # texts
+    eval_text = data.source_text(None if cfg.eval_dataset else cfg.eval, cfg.eval_dataset, "eval") \
+        if cfg.eval_windows else None  # first: a bad path fails before the model loads
+    tasks = lmeval.check_tasks(cfg.tasks, cfg.task_path) if cfg.tasks else None  # lm-eval tasks too
+    if not tasks and use_streaming(cfg, args.no_stream):  # a local safetensors folder: one block at a time (lm-eval
+        # tasks need the whole model)
+        return run_streamed(args, cfg, out, work, calib_text, eval_text, t_start)
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     check_seqlen(model, cfg.seqlen)
     calib = data.calibration_windows(data.tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -111,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if "dense_ppl" not in state.extras:
         state.extras["dense_ppl"] = evaluate.perplexity(model, windows, progress=progress) if windows is not None \
             else None
+    if tasks is not None and "dense_tasks" not in state.extras:  # lm-eval scores of the dense model (kept for --resume)
+        state.extras["dense_tasks"] = task_scores(model, tok, cfg, tasks)
     if "layer_sparsity" not in state.extras:
         state.extras["layer_sparsity"] = layer_sparsity_of(model, cfg, calib)
     reconstruction: dict[int, dict[str, float]] = {}
@@ -121,24 +133,31 @@ def run(args: argparse.Namespace) -> int:
                        device=device, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress, resume=state,
                        after_prune=after_prune_hook(model, cfg, device, reconstruction))
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None
+    scores = {"dense": state.extras["dense_tasks"], "sparse": task_scores(model, tok, cfg, tasks)} if tasks else None
     with StagedOutput(out) as stage:
         numbers = write_outputs(model, tok, result, cfg, stage.path, state.extras["dense_ppl"], sparse_ppl, t_start,
-                                memory, reconstruction)
+                                memory, reconstruction, scores)
     shutil.rmtree(work, ignore_errors=True)
     print(report.terminal_table(numbers))
     log.info("wrote %s/ (Hugging Face checkpoint, masks.safetensors, sparse/%s, report.md)", args.output, PACKED_FILE)
     return 0
 
 
+def task_scores(model, tok, cfg: RunConfig, manager) -> dict[str, dict[str, float]]:
+    return lmeval.run_tasks(model, tok, cfg.tasks, cfg.task_path, limit=cfg.task_limit, batch_size=cfg.batch_size,
+                            seed=cfg.seed, manager=manager)
+
+
 def write_outputs(model, tok, result, cfg: RunConfig, staging: Path, dense_ppl, sparse_ppl, t_start: float,
-                  memory: PeakMemory, reconstruction: dict[int, dict[str, float]] | None = None) -> dict:
+                  memory: PeakMemory, reconstruction: dict[int, dict[str, float]] | None = None,
+                  tasks: dict[str, dict] | None = None) -> dict:
     """Everything into the staging folder; report.json comes last."""
     (staging / "sparse").mkdir(parents=True, exist_ok=True)
     model.save_pretrained(staging)
     tok.save_pretrained(staging)
     save_masks(result.masks, staging / "masks.safetensors")
     sizes = save_packed(model, result.masks, result.pattern, staging / "sparse" / PACKED_FILE)
-    model.config.to_json_file(staging / "sparse" / "config.json")
+    complete_packed_folder(staging / "sparse", staging)  # config (quant_method sparsecraft), tokenizer, generation
     report.write_json(cfg.to_dict(), staging / SETTINGS_FILE)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     zeros = sum(int((~m).sum()) for m in result.masks.values())
@@ -158,6 +177,8 @@ def write_outputs(model, tok, result, cfg: RunConfig, staging: Path, dense_ppl, 
         "prune_memory_bytes": {"peak_rss": memory.peak_rss, "added_rss": memory.added_rss,
                                "peak_cuda": memory.peak_cuda},
     }
+    if tasks:  # lm-eval scores: {"dense"|"sparse": {task: {metric: value}}}
+        numbers["tasks"] = tasks
     if reconstruction:  # block output error (relative) before and after the block reconstruction, per block
         numbers["reconstruction"] = {str(i): v for i, v in sorted(reconstruction.items())}
     full = report.build(result, cfg.to_dict(), numbers)

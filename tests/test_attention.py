@@ -444,3 +444,27 @@ def test_cli_kv_bad_input_is_one_line(tiny_run, capsys, flags, words) -> None:
     code, out, err = kv_main(["kv", "eval", str(tiny_run["model"]), "--text", str(tiny_run["text"]), "--seqlen",
                               "40", *flags], capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_prefill_many_presses_equals_pressing_in_the_model(model, method) -> None:
+    from sparsecraft.attention.evaluate import cache_after, prefill
+
+    ids = prompt(40)[0]
+    pre = prefill(model, ids)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(pre.logits, model(ids[None]).logits[:, -1])
+    nxt = torch.tensor([[5, 7, 9]])
+    with compress(model, method=method, budget=0.25, sinks=2, window=4) as kv:
+        ref = kv.cache()
+        model(ids[None], cache=ref, use_cache=True)
+        ref_logits = model(nxt, cache=ref, use_cache=True).logits
+        built = cache_after(model, pre, kv)
+        built_logits = model(nxt, cache=built, use_cache=True).logits
+    for a, b in zip(built.layers, ref.layers):
+        assert torch.equal(a.position, b.position) and a.seen == b.seen == 43
+        torch.testing.assert_close(a.keys, b.keys) and torch.testing.assert_close(a.values, b.values)
+    torch.testing.assert_close(built_logits, ref_logits)
+    full = cache_after(model, pre, None)
+    whole = model(torch.cat([ids[None], nxt], 1)).logits[:, 40:]
+    torch.testing.assert_close(model(nxt, cache=full, use_cache=True).logits, whole)

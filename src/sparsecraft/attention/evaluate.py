@@ -9,15 +9,19 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from sparsecraft.attention.presses import KVConfig
 from sparsecraft.attention.wrap import KVPress, compress
+
+CAPTURE = "sparsecraft_capture_queries"  # attention implementation that records queries (prefill)
 
 
 def new_cache(model: nn.Module, kv: KVPress | None) -> Cache:
@@ -128,3 +132,60 @@ def evaluate_press(model: nn.Module, tokenizer: Any, tokens: torch.Tensor, cfg: 
         if decode_steps:
             row.update(decode_speed(model, tokens[:context], decode_steps, kv))
     return row
+
+
+# ---- one prefill, many presses (benchmarks): the prompt pass does not depend on the press --------------------------
+# A press acts after a layer's prefill attention, which always sees the whole prompt, so every press of one prompt
+# starts from the same prefill: run it once with the full cache, keep each layer's post-RoPE queries, and press copies.
+
+@dataclass
+class Prefill:
+    """One prompt's pass: logits of its last token (1, V), per layer keys / values (1, Hkv, n, D) and post-RoPE
+    queries (1, Hq, n, D), the attention scaling, seconds taken."""
+    logits: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    queries: list[torch.Tensor]
+    scaling: float
+    seconds: float
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, ids: torch.Tensor) -> Prefill:
+    """Run ``ids`` (n,) through ``model`` (sdpa) with a full cache, recording every layer's queries."""
+    queries: dict[int, torch.Tensor] = {}
+    scaling: list[float] = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        queries[module.layer_idx] = query
+        scaling.append(kwargs.get("scaling") or query.shape[-1] ** -0.5)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE, capture)  # re-registered per call: the closure holds this call's dict
+    AttentionMaskInterface.register(CAPTURE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        raise ValueError(f"prefill capture wraps 'sdpa' attention, the model uses {before!r}; call "
+                         f"model.set_attn_implementation('sdpa') first")
+    cache = DynamicCache(config=model.config)
+    model.set_attn_implementation(CAPTURE)
+    try:
+        t0 = time.perf_counter()
+        logits = model(ids[None], cache=cache, use_cache=True).logits[:, -1]
+        seconds = time.perf_counter() - t0
+    finally:
+        model.set_attn_implementation(before)
+    return Prefill(logits, [l.keys for l in cache.layers], [l.values for l in cache.layers],
+                   [queries[i] for i in range(len(cache.layers))], scaling[0], seconds)
+
+
+def cache_after(model: nn.Module, pre: Prefill, kv: KVPress | None) -> Cache:
+    """A fresh cache holding ``pre``'s prompt: full (kv None) or compressed by ``kv``'s press, exactly as if the
+    prompt had run inside ``compress``. Decode from it inside the same ``compress`` block."""
+    cache = new_cache(model, kv)
+    for i, (k, v) in enumerate(zip(pre.keys, pre.values)):
+        cache.layers[i].update(k, v)
+        if kv is not None:
+            cache.layers[i].press_(pre.queries[i], None, pre.scaling)
+    return cache

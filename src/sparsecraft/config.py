@@ -41,12 +41,22 @@ SHARED: dict[str, tuple[Any, str]] = {
     "device": ("auto", "auto (cuda when present, else cpu) | cpu | cuda | cuda:N"),
     "dtype": ("auto", "auto (the checkpoint's own float type; bfloat16 for .gguf) | float32 | bfloat16 | float16"),
     "batch_size": (8, "windows per forward pass"),
+    "calib_dataset": (None, "calibration text from a `datasets` dataset instead of --calib: NAME[:config][:split] "
+                            "(hub name online, local folder of .json/.jsonl/.txt files offline; split: train)"),
+    "eval_dataset": (None, "evaluation text from a `datasets` dataset instead of --eval: NAME[:config][:split] "
+                           "(split: test, else validation)"),
+    "tasks": ([], "lm-evaluation-harness tasks, comma-separated (names, task YAML files, or tasks in --task-path); "
+                  "needs pip install 'sparsecraft[eval]'"),
+    "task_path": (None, "folder of your own lm-eval task YAML files (lm-eval's --include_path)"),
+    "task_limit": (None, "at most this many documents per task (a quick look, not a comparable score)"),
 }
 
 
 def shared(name: str, **metadata: Any) -> Any:
     """A dataclass field with the shared default and help of ``name``."""
     default, help_text = SHARED[name]
+    if isinstance(default, list):
+        return field(default_factory=list(default).copy, metadata={"help": help_text, **metadata})
     return field(default=default, metadata={"help": help_text, **metadata})
 
 
@@ -150,6 +160,11 @@ def check_common(cfg: Any) -> None:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; use auto or one of {', '.join(DTYPES)}")
     if hasattr(cfg, "device"):
         check_device(cfg.device)
+    for files, dataset in (("calib", "calib_dataset"), ("eval", "eval_dataset")):
+        if getattr(cfg, dataset, None) is not None and getattr(cfg, files) != SHARED[files][0]:
+            raise ValueError(f"--{files} and --{dataset.replace('_', '-')} both give the {files} text; pass one")
+    if getattr(cfg, "task_limit", None) is not None and cfg.task_limit < 1:
+        raise ValueError(f"task_limit must be >= 1, got {cfg.task_limit}")
 
 
 @dataclass(frozen=True)
@@ -163,9 +178,14 @@ class RunConfig:
     pattern: str = opt("unstructured", "unstructured | N:M such as 2:4 (n kept per m) | block such as 4x4")
     calib: str = shared("calib")
     eval: str = shared("eval")
+    calib_dataset: str | None = shared("calib_dataset")
+    eval_dataset: str | None = shared("eval_dataset")
     nsamples: int = shared("nsamples")
     seqlen: int = shared("seqlen")
     eval_windows: int = shared("eval_windows")
+    tasks: list[str] = shared("tasks")
+    task_path: str | None = shared("task_path")
+    task_limit: int | None = shared("task_limit")
     seed: int = shared("seed")
     device: str = shared("device")
     dtype: str = shared("dtype")
@@ -221,16 +241,22 @@ class EvalConfig:
 
     model: str = shared("model")
     eval: str = shared("eval")
+    eval_dataset: str | None = shared("eval_dataset")
     seqlen: int = shared("seqlen")
     eval_windows: int = shared("eval_windows")
+    tasks: list[str] = shared("tasks")
+    task_path: str | None = shared("task_path")
+    task_limit: int | None = shared("task_limit")
     batch_size: int = opt(4, "windows per forward pass")
+    seed: int = shared("seed")
     device: str = shared("device")
     dtype: str = shared("dtype")
 
     def __post_init__(self) -> None:
         check_common(self)
-        if self.eval_windows < 1:
-            raise ValueError(f"eval_windows must be >= 1, got {self.eval_windows}")
+        if self.eval_windows < 1 and not self.tasks:
+            raise ValueError(f"eval_windows must be >= 1, got {self.eval_windows} (0 skips perplexity only when "
+                             f"--tasks gives something else to evaluate)")
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     return [
         ("perplexity", fmt(ppl["dense"]), fmt(ppl["sparse"])),
+        *task_rows(report.get("tasks")),
         ("sparsity of pruned layers", "0", f"{report['sparsity']['overall_pruned_layers']:.4f}"),
         ("nonzero parameters", f"{params['total']:,}", f"{params['nonzero_after']:,}"),
         ("checkpoint bytes (whole model)", _fmt_bytes(size["dense_checkpoint"]), _fmt_bytes(size["packed_checkpoint"])),
@@ -70,6 +71,16 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("peak memory of the process (RSS)", "", _fmt_bytes(report["peak_memory_bytes"])),
         ("peak memory while pruning (RSS)", "", _fmt_bytes(report["prune_memory_bytes"]["peak_rss"])),
     ]
+
+
+def task_rows(tasks: dict[str, dict[str, dict[str, float]]] | None) -> list[tuple[str, str, str]]:
+    """(task metric, dense, sparse) rows of the lm-eval scores ({"dense"|"sparse": {task: {metric: value}}})."""
+    if not tasks:
+        return []
+    dense, sparse = tasks["dense"], tasks["sparse"]
+    cell = lambda scores, t, m: f"{scores[t][m]:.4f}" if m in scores.get(t, {}) else "-"  # noqa: E731
+    return [(f"{t} {m}", cell(dense, t, m), cell(sparse, t, m))
+            for t in dense for m in dense[t] if not m.endswith("_stderr")]
 
 
 def terminal_table(report: dict[str, Any]) -> str:
@@ -145,7 +156,8 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
              f"`{report['command']}`", "",
              f"Model `{s['model']}`, method **{s['method']}**, pattern **{s['pattern']}**, "
              f"sparsity {report['target_sparsity']:g}, {s['nsamples']} calibration windows of {s['seqlen']} tokens "
-             f"from `{s['calib']}`, evaluated on {s['eval_windows']} windows of `{s['eval']}`, seed {s['seed']}.", "",
+             f"from `{s.get('calib_dataset') or s['calib']}`, evaluated on {s['eval_windows']} windows of "
+             f"`{s.get('eval_dataset') or s['eval']}`, seed {s['seed']}.", "",
              "| | dense | sparse |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
     lines += ["", "## Sparsity by layer type", "", "| layer type | sparsity |", "|---|---|"]

@@ -1,28 +1,42 @@
-"""``sparsecraft eval``: perplexity of any model (dense or packed folder, hub id, .gguf) on any text."""
+"""``sparsecraft eval``: perplexity of any model (dense or packed folder, hub id, .gguf) on any text, and
+lm-evaluation-harness tasks (``--tasks``) on the model as sparsecraft runs it."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 
-from sparsecraft import data, evaluate
+from sparsecraft import data, evaluate, lmeval
 from sparsecraft.commands.options import add_config_arguments, config_from_args
 from sparsecraft.config import EvalConfig
 from sparsecraft.models import check_seqlen, load_model
 
+log = logging.getLogger(__name__)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model on a text",
-                       description="Perplexity of a model on consecutive windows of a text.")
+    p = sub.add_parser("eval", help="perplexity of a model on a text, and lm-eval tasks",
+                       description="Perplexity of a model on consecutive windows of a text (--eval-windows 0 skips "
+                                   "it), and lm-evaluation-harness tasks with --tasks.")
     add_config_arguments(p, EvalConfig, positional=("model",))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvalConfig, args)
-    text = data.read_text(cfg.eval, "eval")
+    manager = lmeval.check_tasks(cfg.tasks, cfg.task_path) if cfg.tasks else None  # before the model loads
+    text = data.source_text(None if cfg.eval_dataset else cfg.eval, cfg.eval_dataset, "eval") \
+        if cfg.eval_windows else None
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
-    check_seqlen(model, cfg.seqlen)
-    windows = data.eval_windows(data.tokenize(tok, text), cfg.seqlen, cfg.eval_windows)
-    ppl = evaluate.perplexity(model, windows, batch_size=cfg.batch_size, progress=args.progress)
-    print(f"perplexity {ppl:.3f} on {windows.shape[0]} windows of {cfg.seqlen} tokens of {cfg.eval}")
+    if text is not None:
+        check_seqlen(model, cfg.seqlen)
+        windows = data.eval_windows(data.tokenize(tok, text), cfg.seqlen, cfg.eval_windows)
+        ppl = evaluate.perplexity(model, windows, batch_size=cfg.batch_size, progress=args.progress)
+        print(f"perplexity {ppl:.3f} on {windows.shape[0]} windows of {cfg.seqlen} tokens of "
+              f"{cfg.eval_dataset or cfg.eval}")
+    if cfg.tasks:
+        scores = lmeval.run_tasks(model, tok, cfg.tasks, cfg.task_path, limit=cfg.task_limit,
+                                  batch_size=cfg.batch_size, seed=cfg.seed, manager=manager)
+        for task, metric, value in lmeval.table(scores):
+            print(f"{task}  {metric}  {value}")
     return 0

@@ -87,6 +87,7 @@ def test_same_seed_same_result(assets, pruned, tmp_path):
 
 
 def test_resume_equals_uninterrupted(assets, pruned, tmp_path, monkeypatch):
+    # the in-memory path (--no-stream) against the default streamed output; streamed resume: test_prune_stream_cli.py
     out = tmp_path / "resumed"
     original = ResumeState.save
 
@@ -96,11 +97,11 @@ def test_resume_equals_uninterrupted(assets, pruned, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(ResumeState, "save", save_then_die)
-    assert main(prune_args(assets, out, "--method", "sparsegpt")) == 130
+    assert main(prune_args(assets, out, "--method", "sparsegpt", "--no-stream")) == 130
     assert not (out / "report.json").exists() and (tmp_path / ".resumed.partial" / "progress.json").is_file()
     monkeypatch.setattr(ResumeState, "save", original)
-    assert main(prune_args(assets, out, "--method", "sparsegpt")) == 2  # an unfinished run, no --resume
-    assert main(prune_args(assets, out, "--method", "sparsegpt", "--resume")) == 0
+    assert main(prune_args(assets, out, "--method", "sparsegpt", "--no-stream")) == 2  # an unfinished run, no --resume
+    assert main(prune_args(assets, out, "--method", "sparsegpt", "--no-stream", "--resume")) == 0
     a, b = load_file(str(pruned / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (pruned, out))
@@ -115,9 +116,9 @@ def test_resume_with_other_settings_is_refused(assets, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ResumeState, "save", die)
-    assert main(prune_args(assets, out)) == 130
+    assert main(prune_args(assets, out, "--no-stream")) == 130
     monkeypatch.undo()
-    assert main(prune_args(assets, out, "--seed", "3", "--resume")) == 2
+    assert main(prune_args(assets, out, "--no-stream", "--seed", "3", "--resume")) == 2
 
 
 def test_settings_file_and_inspect(assets, tmp_path, capsys):

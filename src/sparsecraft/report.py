@@ -157,8 +157,12 @@ def markdown(report: dict[str, Any], images: list[str]) -> str:
              f"Model `{s['model']}`, method **{s['method']}**, pattern **{s['pattern']}**, "
              f"sparsity {report['target_sparsity']:g}, {s['nsamples']} calibration windows of {s['seqlen']} tokens "
              f"from `{s.get('calib_dataset') or s['calib']}`, evaluated on {s['eval_windows']} windows of "
-             f"`{s.get('eval_dataset') or s['eval']}`, seed {s['seed']}.", "",
-             "| | dense | sparse |", "|---|---|---|"]
+             f"`{s.get('eval_dataset') or s['eval']}`, seed {s['seed']}.", ""]
+    if report.get("streaming", {}).get("used"):
+        st = report["streaming"]
+        lines += [f"Streamed: one block in memory at a time, {st['world_size']} process(es); peak RSS while pruning "
+                  f"{_fmt_bytes(st['peak_rss'])} (rank 0).", ""]
+    lines += ["| | dense | sparse |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(report)]
     lines += ["", "## Sparsity by layer type", "", "| layer type | sparsity |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in report["sparsity"]["by_layer_type"].items()]

@@ -25,6 +25,8 @@ import shutil
 import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from sparsecraft.engine.distributed import DistContext, barrier, check_same_sett
 from sparsecraft.engine.hooks import LayerCollector
 from sparsecraft.engine.loop import propagate, prune_block, prune_layer
 from sparsecraft.engine.record import LayerRecord, PruneResult
-from sparsecraft.checkpoint import MASKS_META, decode_mask, save_masks
+from sparsecraft.checkpoint import MASKS_META, decode_mask, packed_tensors, save_masks, tensor_digest
 from sparsecraft.io import MARKER, StagedOutput, atomic_save_tensors, atomic_write_text, check_output, fsync_dir
 from sparsecraft.methods import Method, get_method
 from sparsecraft.methods.base import supports
@@ -259,9 +261,10 @@ class MasksOnDisk(Mapping):
         return len(self._keys)
 
 
-def join_safetensors(parts: list[Path], path: Path) -> None:
+def join_safetensors(parts: list[Path], path: Path, metadata: dict[str, str] | None = None) -> None:
     """One safetensors file from several, holding one tensor in memory at a time; written atomically. Metadata
-    entries holding JSON objects (e.g. the mask shapes) are merged."""
+    entries holding JSON objects (e.g. the mask shapes) are merged, unless ``metadata`` is given (then it is the
+    file's metadata)."""
     entries, header, offset = [], {}, 0
     merged: dict[str, dict] = {}
     for part in parts:
@@ -274,7 +277,9 @@ def join_safetensors(parts: list[Path], path: Path) -> None:
                 header[key] = {"dtype": sl.get_dtype(), "shape": sl.get_shape(), "data_offsets": [offset, offset + nbytes]}
                 entries.append((part, key))
                 offset += nbytes
-    if merged:
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    elif merged:
         header["__metadata__"] = {name: json.dumps(d) for name, d in merged.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
@@ -322,6 +327,56 @@ def _fingerprint(ckpt: Checkpoint, method: str, options: dict, sparsity: float, 
             "checkpoint": ckpt.sizes}
 
 
+@dataclass(frozen=True)
+class StreamPlan:
+    """What a streamed prune will do, every argument checked against the model's skeleton (no weights needed)."""
+
+    name: str
+    method: Method
+    pattern: Pattern
+    sparsity: float
+    per_block: list[dict[str, nn.Module]]  # the targets of each block that get pruned, modules of the skeleton
+    layer_sparsity: dict[str, float]  # fqn -> sparsity, pruned layers only
+
+
+def plan_streaming(model: nn.Module, method: str | Method = "wanda", sparsity: float | None = 0.5,
+                   pattern: str | Pattern = "unstructured", *, plan: Mapping[str, float] | None = None,
+                   include: list[str] | None = None, exclude: list[str] | None = None,
+                   method_options: dict[str, Any] | None = None, calibrated: bool = True) -> StreamPlan:
+    """Check the arguments of ``prune_streaming`` against ``model`` (a skeleton on the meta device is enough)."""
+    pattern = parse_pattern(pattern)
+    if sparsity is None and plan and not isinstance(pattern, NM):
+        sparsity = 0.0
+    sparsity = resolve_sparsity(sparsity, pattern)
+    method_obj = get_method(method, **(method_options or {}))
+    name = method if isinstance(method, str) else type(method).__name__.lower()
+    if not supports(method_obj, pattern):
+        raise ValueError(f"method {name!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
+                         f"method that supports blocks (magnitude, random, wanda)")
+    if not calibrated and method_obj.needs:
+        raise ValueError(f"method {name!r} needs calibration data; pass calibration=token ids (nsamples, seqlen)")
+    blocks_fqn, blocks = find_blocks(model)
+    per_block = [find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)]
+    all_targets = {f: mod for t in per_block for f, mod in t.items()}
+    if not all_targets:
+        raise ValueError(f"no prunable layers matched in {blocks_fqn}; loosen include/exclude patterns")
+    lplan = layer_plan(all_targets, sparsity, pattern, plan)
+    for fqn in lplan:
+        check_shape(tuple(weight_2d(all_targets[fqn]).shape), pattern, fqn)
+    per_block = [{f: mod for f, mod in t.items() if f in lplan} for t in per_block]
+    return StreamPlan(name, method_obj, pattern, sparsity, per_block, lplan)
+
+
+def check_streaming(model_dir: str | Path, method: str | Method = "wanda", sparsity: float | None = 0.5,
+                    pattern: str | Pattern = "unstructured", **kwargs: Any) -> tuple[nn.Module, StreamPlan]:
+    """Before anything is written: the checkpoint's headers against its config (every shard present, every shape
+    right) and the arguments against the model; -> (skeleton on the meta device, plan). Reads no weights."""
+    ckpt = Checkpoint(model_dir)
+    model = build_skeleton(model_dir)
+    ckpt.check({k: tuple(v.shape) for k, v in model.state_dict().items()}, tied_targets(model))
+    return model, plan_streaming(model, method, sparsity, pattern, **kwargs)
+
+
 def prune_streaming(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -351,28 +406,13 @@ def prune_streaming(
     ``masks`` are read from ``output_dir/masks.safetensors`` on access.
     """
     ctx = DistContext.current()
-    pattern = parse_pattern(pattern)
-    if sparsity is None and plan and not isinstance(pattern, NM):
-        sparsity = 0.0
-    sparsity = resolve_sparsity(sparsity, pattern)
-    method_obj = get_method(method, **(method_options or {}))
-    name = method if isinstance(method, str) else type(method).__name__.lower()
-    if not supports(method_obj, pattern):
-        raise ValueError(f"method {name!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
-                         f"method that supports blocks (magnitude, random, wanda)")
-    if calibration is None and method_obj.needs:
-        raise ValueError(f"method {name!r} needs calibration data; pass calibration=token ids (nsamples, seqlen)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device
     out = check_output(output_dir, [model_dir], overwrite=overwrite, allow_existing=False)
     m = _Model(model_dir, device, dtype)
-    per_block = [find_targets(b, f"{m.blocks_fqn}.{i}", include, exclude) for i, b in enumerate(m.blocks)]
-    all_targets = {f: mod for t in per_block for f, mod in t.items()}
-    if not all_targets:
-        raise ValueError(f"no prunable layers matched in {m.blocks_fqn}; loosen include/exclude patterns")
-    lplan = layer_plan(all_targets, sparsity, pattern, plan)
-    for fqn in lplan:
-        check_shape(tuple(weight_2d(all_targets[fqn]).shape), pattern, fqn)
-    per_block = [{f: mod for f, mod in t.items() if f in lplan} for t in per_block]
+    sp = plan_streaming(m.model, method, sparsity, pattern, plan=plan, include=include, exclude=exclude,
+                        method_options=method_options, calibrated=calibration is not None)
+    name, method_obj, pattern, sparsity, per_block, lplan = (sp.name, sp.method, sp.pattern, sp.sparsity,
+                                                             sp.per_block, sp.layer_sparsity)
     batches = as_batches(calibration, batch_size) if calibration is not None else None
     fp = _fingerprint(m.ckpt, name, method_options or {}, sparsity, pattern, lplan, batches, batch_size, seed, dtype)
     check_same_settings(ctx, fp)  # before any work
@@ -488,6 +528,64 @@ def _finish(m: _Model, stage: Path, out: Path, model_dir: Path) -> None:
         for p in stage.glob(pattern):
             p.unlink()
     StagedOutput(out).commit()
+
+
+@contextmanager
+def _without_blocks(m: _Model) -> Iterator[nn.Module]:
+    """The model with an empty block list, so that its state dict holds only what lies outside the blocks."""
+    parent_fqn, _, leaf = m.blocks_fqn.rpartition(".")
+    parent = m.model.get_submodule(parent_fqn)
+    setattr(parent, leaf, nn.ModuleList())
+    try:
+        yield m.model
+    finally:
+        setattr(parent, leaf, m.blocks)
+
+
+def save_packed_streaming(folder: str | Path, masks: Mapping[str, torch.Tensor], pattern: Pattern | str | None,
+                          path: str | Path) -> dict[str, int]:
+    """``checkpoint.save_packed`` of the pruned checkpoint in ``folder``, one block in memory at a time.
+
+    ``checkpoint.packed_tensors`` packs each piece (what lies outside the blocks, then each block), so the format has
+    one writer; each piece goes to a part file and the parts are joined into ``path`` (one tensor in memory at a
+    time) under the metadata of the whole. Returns {"dense_bytes", "packed_bytes"} of the pruned weights."""
+    path = Path(path)
+    m = _Model(folder, "cpu", None)
+    scratch = path.parent / f".{path.name}.parts"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    meta: dict[str, Any] = {"packed": {}, "aliases": {}, "pattern": None if pattern is None else str(pattern)}
+    sizes = {"dense_bytes": 0, "packed_bytes": 0}
+    digests: dict[str, str] = {}  # per-tensor sha256s, as save_packed records them
+    parts: list[Path] = []
+
+    def put(prefix: str, piece: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, int]]) -> None:
+        tensors, piece_meta, piece_sizes = piece
+        tensors = {prefix + k: t for k, t in tensors.items()}
+        meta["packed"].update({prefix + k: v for k, v in piece_meta["packed"].items()})
+        meta["aliases"].update({prefix + k: prefix + v for k, v in piece_meta["aliases"].items()})
+        meta["pattern"] = meta["pattern"] or piece_meta["pattern"]
+        for k in sizes:
+            sizes[k] += piece_sizes[k]
+        digests.update({k: tensor_digest(t) for k, t in tensors.items()})
+        parts.append(scratch / f"part-{len(parts)}.safetensors")
+        atomic_save_tensors(tensors, parts[-1])
+
+    try:
+        with _without_blocks(m) as outside:  # embeddings, final norm, head; a tied head becomes an alias
+            put("", packed_tensors(outside, {}, pattern))
+        release_(m.model, m.outside_keys)
+        for i in range(len(m.blocks)):
+            prefix = m.block_prefix(i)
+            block = m.load_block(i)
+            mine = {f.removeprefix(prefix): masks[f] for f in masks if f.startswith(prefix)}
+            put(prefix, packed_tensors(block, mine, pattern))
+            release_(block)
+        meta["sha256"] = digests
+        join_safetensors(parts, path, metadata={"sparsecraft": json.dumps(meta)})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return sizes
 
 
 def perplexity_streaming(model_dir: str | Path, windows: torch.Tensor, batch_size: int = 4,

@@ -73,7 +73,7 @@ class MoEfyConfig:
 def _balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
     """Greedy balanced assignment: the most similar (item, cluster) pairs first, each cluster takes ``capacity``."""
     n, C = sim.shape
-    labels = torch.full((n,), -1, dtype=torch.long)
+    labels = [-1] * n  # Python lists: this loop visits up to n * C pairs, tensor indexing would dominate
     room = [capacity] * C
     done = 0
     for flat in sim.flatten().argsort(descending=True, stable=True).tolist():
@@ -84,7 +84,7 @@ def _balanced_assign(sim: torch.Tensor, capacity: int) -> torch.Tensor:
             done += 1
             if done == n:
                 break
-    return labels
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def balanced_kmeans(features: torch.Tensor, num_clusters: int, iterations: int = 20, seed: int = 0) -> torch.Tensor:

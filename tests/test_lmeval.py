@@ -119,7 +119,7 @@ def test_eval_cli_tasks_and_eval_dataset(assets, capsys):
     assert f"perplexity {evaluate.perplexity(model, windows):.3f} on 3 windows" in out
 
 
-def test_prune_tasks_in_report_dense_vs_sparse(assets):
+def test_prune_tasks_in_report_dense_vs_sparse(assets, capsys):
     out = assets["root"] / "pruned"
     argv = ["prune", "--model", str(assets["model"]), "--calib", str(assets["text"]), "--eval", str(assets["text"]),
             "--nsamples", "4", "--seqlen", "16", "--eval-windows", "2", "--batch-size", "2", "--method", "magnitude",
@@ -136,6 +136,14 @@ def test_prune_tasks_in_report_dense_vs_sparse(assets):
     ll = report["tasks"]
     assert f"| sc_ll perplexity | {ll['dense']['sc_ll']['perplexity']:.4f} | {ll['sparse']['sc_ll']['perplexity']:.4f} |" in md
     assert "| sc_mc acc |" in md
+    # the packed folder (SparseLinear layers through from_pretrained) scores as the masked dense model did
+    packed, _ = load_model(str(out / "sparse"), "float32", "cpu")
+    assert sum(isinstance(m, SparseLinear) for m in packed.modules()) == 14
+    assert main(["eval", str(out / "sparse"), "--tasks", "sc_ll,sc_mc", "--task-path", str(assets["tasks"]),
+                 "--eval-windows", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"sc_ll  perplexity  {ll['sparse']['sc_ll']['perplexity']:.4f}" in printed
+    assert f"sc_mc  acc  {ll['sparse']['sc_mc']['acc']:.4f}" in printed
 
 
 def test_calib_dataset_equals_the_same_text_as_a_file(assets):

@@ -21,8 +21,9 @@ from sparsecraft.modules.sparse_linear import SparseLinear, sparsify_model_
 # (context, continuation) pairs: a loglikelihood task scored by perplexity = exp(-mean per-document loglikelihood)
 LL_DOCS = [("It is a truth", " universally"), ("a single man in", " possession"), ("must be in want", " of a wife")]
 # multiple choice: accuracy = mean(argmax of the choices' loglikelihoods == answer)
-MC_DOCS = [("It is a truth", [" universally", " of a wife", " man"], 0), ("a single man in", [" fortune", " possession"], 1),
-           ("must be in want", [" truth", " of a wife"], 1), ("the minds of", [" the surrounding", " daughters"], 0)]
+MC_DOCS = [("It is a truth", [" universally", " of a wife", " man"], 0),
+           ("a single man in", [" fortune", " possession"], 1), ("must be in want", [" truth", " of a wife"], 1),
+           ("the minds of", [" the surrounding", " daughters"], 0)]
 
 
 def write_tasks(folder: Path) -> Path:
@@ -39,7 +40,8 @@ def write_tasks(folder: Path) -> Path:
     (folder / "sc_mc.yaml").write_text(
         f"task: sc_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
+        "    higher_is_better: true\n")
     return folder
 
 
@@ -134,7 +136,8 @@ def test_prune_tasks_in_report_dense_vs_sparse(assets, capsys):
                    for t, s in report["tasks"]["sparse"].items()}, reference_scores(sparse, tok))
     md = (out / "report.md").read_text()
     ll = report["tasks"]
-    assert f"| sc_ll perplexity | {ll['dense']['sc_ll']['perplexity']:.4f} | {ll['sparse']['sc_ll']['perplexity']:.4f} |" in md
+    dense_ll, sparse_ll = ll["dense"]["sc_ll"]["perplexity"], ll["sparse"]["sc_ll"]["perplexity"]
+    assert f"| sc_ll perplexity | {dense_ll:.4f} | {sparse_ll:.4f} |" in md
     assert "| sc_mc acc |" in md
     # the packed folder (SparseLinear layers through from_pretrained) scores as the masked dense model did
     packed, _ = load_model(str(out / "sparse"), "float32", "cpu")
@@ -191,10 +194,16 @@ def test_dataset_specs_and_splits(assets, tmp_path):
     (["eval", "m", "--tasks", "sc_ll", "--task-path", "TASKS", "--task-limit", "0"], "task_limit must be >= 1"),
     (["eval", "m", "--eval-windows", "0"], "0 skips perplexity only when --tasks"),
     (["eval", "m", "--tasks", "sc_ll", "--task-path", "NOWHERE"], "is not a folder"),
+    (["prune", "--model", "m", "--calib-dataset", "DATASET::train", "--output", "DATASET/out"], "overlaps the input"),
+    (["prune", "--model", "m", "--tasks", "sc_ll", "--task-path", "TASKS", "--output", "TASKS/out"],
+     "overlaps the input"),
+    (["prune", "--model", "m", "--eval-dataset", "a:b:c:d"], "is not NAME[:config][:split]"),
 ])
 def test_bad_inputs_one_line(assets, capsys, argv, message):
-    argv = [str(assets["model"]) if a == "m" else a.replace("TASKS", str(assets["tasks"]))
-            .replace("NOWHERE", str(assets["root"] / "nowhere")) for a in argv]
+    where = {"TASKS": assets["tasks"], "NOWHERE": assets["root"] / "nowhere", "DATASET": assets["dataset"]}
+    for name, path in where.items():
+        argv = [a.replace(name, str(path)) for a in argv]
+    argv = [str(assets["model"]) if a == "m" else a for a in argv]
     assert main(argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks on the model as sparsecraft runs it (optional extra: ``pip install 'sparsecraft[eval]'``).
+"""lm-evaluation-harness tasks on the model as sparsecraft runs it (optional: ``pip install 'sparsecraft[eval]'``).
 
 The already-loaded model (dense, masked or with packed ``SparseLinear`` layers) is wrapped in lm-eval's ``HFLM``
 as is: nothing is reloaded from disk, so the scores are those of the exact modules sparsecraft measured.

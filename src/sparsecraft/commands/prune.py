@@ -86,7 +86,8 @@ def after_prune_hook(model, cfg: RunConfig, device, log: dict):
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)
-    inputs = [cfg.model, cfg.calib, cfg.eval, args.settings]
+    inputs = [cfg.model, cfg.calib, cfg.eval, args.settings, cfg.task_path,
+              *(data.parse_dataset_spec(d)[0] for d in (cfg.calib_dataset, cfg.eval_dataset) if d)]
     out = check_output(args.output, inputs, overwrite=args.overwrite, allow_existing=args.resume)
     work = partial_dir(out)
     if args.resume and not (work / "progress.json").is_file():

@@ -54,6 +54,16 @@ def test_outputs_and_report_schema(pruned):
     assert report["bytes"]["pruned_layers_packed"] < 0.56 * report["bytes"]["pruned_layers_dense"]
 
 
+def test_speed_row_of_an_in_memory_prune(assets, tmp_path):
+    assert main(prune_args(assets, tmp_path / "o", "--no-stream", "--eval-windows", "0")) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    speed = report["speed"]  # the packed copy decodes exactly what the masked dense model decodes
+    assert speed["same_tokens"] == 1.0 and speed["speedup"] == speed["packed_tok_s"] / speed["dense_tok_s"]
+    assert "decode tokens/s (this machine)" in (tmp_path / "o" / "report.md").read_text()
+    assert main(prune_args(assets, tmp_path / "p", "--no-stream", "--eval-windows", "0", "--no-speed")) == 0
+    assert "speed" not in json.loads((tmp_path / "p" / "report.json").read_text())
+
+
 def test_hf_reload_gives_exact_pruned_weights_and_packed_roundtrip(pruned):
     from transformers import AutoModelForCausalLM
 

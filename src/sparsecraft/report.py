@@ -67,10 +67,20 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("nonzero parameters", f"{params['total']:,}", f"{params['nonzero_after']:,}"),
         ("checkpoint bytes (whole model)", _fmt_bytes(size["dense_checkpoint"]), _fmt_bytes(size["packed_checkpoint"])),
         ("bytes of pruned layers", _fmt_bytes(size["pruned_layers_dense"]), _fmt_bytes(size["pruned_layers_packed"])),
+        *([("input model file", _fmt_bytes(size["input_model"]), "")] if size.get("input_model") else []),
+        *speed_rows(report.get("speed")),
         ("prune time", "", f"{report['time_s']['prune']:.1f} s"),
         ("peak memory of the process (RSS)", "", _fmt_bytes(report["peak_memory_bytes"])),
         ("peak memory while pruning (RSS)", "", _fmt_bytes(report["prune_memory_bytes"]["peak_rss"])),
     ]
+
+
+def speed_rows(speed: dict[str, float] | None) -> list[tuple[str, str, str]]:
+    """The decode-speed row: masked dense vs packed tokens/s, with the ratio and the token agreement."""
+    if not speed:
+        return []
+    return [("decode tokens/s (this machine)", f"{speed['dense_tok_s']:.1f}",
+             f"{speed['packed_tok_s']:.1f} ({speed['speedup']:.2f}x, same tokens {100 * speed['same_tokens']:.0f}%)")]
 
 
 def task_rows(tasks: dict[str, dict[str, dict[str, float]]] | None) -> list[tuple[str, str, str]]:

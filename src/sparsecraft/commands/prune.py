@@ -33,6 +33,7 @@ from sparsecraft.models import check_seqlen, load_model, resolve_model
 
 log = logging.getLogger("sparsecraft")
 SETTINGS_FILE = "settings.json"
+SPEED_PROMPT, SPEED_TOKENS = 32, 32  # the decode-speed row: a calibration prompt, then this many greedy tokens
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "'method_options' and 'allocation_options'; an output's settings.json repeats "
                                       "its run")
     add_output_arguments(p, "runs/prune", resume=True)
+    p.add_argument("--no-speed", action="store_true", dest="no_speed",
+                   help="skip the short decode-speed run (tokens/s of the packed model vs the masked dense one)")
     p.add_argument("--no-stream", action="store_true", dest="no_stream",
                    help="load the whole model even when it is a local safetensors folder (which is otherwise pruned "
                         "and evaluated one block at a time)")
@@ -135,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
                        after_prune=after_prune_hook(model, cfg, device, reconstruction))
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None
     scores = {"dense": state.extras["dense_tasks"], "sparse": task_scores(model, tok, cfg, tasks)} if tasks else None
+    speed = None if getattr(args, "no_speed", False) else \
+        evaluate.decode_speed(model, result.masks, result.pattern, calib[:1, :SPEED_PROMPT], SPEED_TOKENS)
     with StagedOutput(out) as stage:
         numbers = write_outputs(model, tok, result, cfg, stage.path, state.extras["dense_ppl"], sparse_ppl, t_start,
-                                memory, reconstruction, scores)
+                                memory, reconstruction, scores, speed)
     shutil.rmtree(work, ignore_errors=True)
     print(report.terminal_table(numbers))
     log.info("wrote %s/ (Hugging Face checkpoint, masks.safetensors, sparse/%s, report.md)", args.output, PACKED_FILE)
@@ -151,7 +156,7 @@ def task_scores(model, tok, cfg: RunConfig, manager) -> dict[str, dict[str, floa
 
 def write_outputs(model, tok, result, cfg: RunConfig, staging: Path, dense_ppl, sparse_ppl, t_start: float,
                   memory: PeakMemory, reconstruction: dict[int, dict[str, float]] | None = None,
-                  tasks: dict[str, dict] | None = None) -> dict:
+                  tasks: dict[str, dict] | None = None, speed: dict[str, float] | None = None) -> dict:
     """Everything into the staging folder; report.json comes last."""
     (staging / "sparse").mkdir(parents=True, exist_ok=True)
     model.save_pretrained(staging)
@@ -180,6 +185,8 @@ def write_outputs(model, tok, result, cfg: RunConfig, staging: Path, dense_ppl, 
     }
     if tasks:  # lm-eval scores: {"dense"|"sparse": {task: {metric: value}}}
         numbers["tasks"] = tasks
+    if speed:  # greedy decode tokens/s, masked dense vs packed, one interleaved run on this machine
+        numbers["speed"] = speed
     if reconstruction:  # block output error (relative) before and after the block reconstruction, per block
         numbers["reconstruction"] = {str(i): v for i, v in sorted(reconstruction.items())}
     full = report.build(result, cfg.to_dict(), numbers)

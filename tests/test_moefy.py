@@ -143,3 +143,37 @@ def test_bad_inputs(tokens):
         from sparsecraft.moe.moefy import attach_moe_
 
         attach_moe_(tiny_model("llama"), "/nonexistent")
+
+
+def test_relaxed_forward_equals_top_k_and_reaches_every_score():
+    from sparsecraft.moe.router_train import kl_to_teacher  # noqa: F401  (module imports cleanly)
+
+    moe = golden_moe(shared=True)
+    x = torch.tensor([[3.0, 1.0], [1.0, 2.0], [0.5, -1.0]])
+    exact = moe(x)
+    moe.relax = 0.5
+    relaxed = moe(x)
+    torch.testing.assert_close(relaxed, exact)
+    relaxed.sum().backward()
+    # token 0 picks expert 0; expert 1 (not run in the exact path) still gets a gradient through the soft mask
+    assert moe.router_weight.grad is not None and (moe.router_weight.grad[1] != 0).any()
+    assert (moe.router_weight.grad[0] != 0).any()
+
+
+def test_router_distillation_lowers_the_kl(tokens):
+    from sparsecraft.moe.router_train import RouterTrainConfig, kl_to_teacher, train_routers_
+
+    teacher = tiny_model("llama")
+    model = copy.deepcopy(teacher)
+    moefy_(model, tokens, MoEfyConfig(num_experts=4, top_k=1, router="centroid"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "router" not in n}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = float(kl_to_teacher(model(tokens).logits, teacher(tokens).logits))
+    losses = train_routers_(model, teacher, tokens, RouterTrainConfig(steps=30, batch_size=8, lr=1e-2))
+    with torch.no_grad():
+        after = float(kl_to_teacher(model(tokens).logits, teacher(tokens).logits))
+    assert len(losses) == 30 and after < 0.9 * before, (before, after)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # only routers moved
+    assert all(m.relax is None for m in model.modules() if isinstance(m, MoEMLP))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored

@@ -13,6 +13,11 @@ Tensors (Ie neurons per routed expert, Is in the shared expert):
 
 Execution: one token (batch-1 decode) runs only the k chosen experts, reading k/E of the routed weights; many tokens
 are grouped by expert, each expert running once on all of its tokens.
+
+Router training (``relax`` set to a temperature T): every expert runs, and the hard top-k mask m (1 for the chosen
+experts) gets a straight-through gradient from a soft mask sigmoid((s - tau) / (T * std(s))), where tau sits halfway
+between the k-th and (k+1)-th score: the forward output is exactly the top-k output, and every expert's score (chosen
+or not) receives the gradient <dL/dy, f_e(x)> scaled by the sigmoid's slope.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class MoEMLP(nn.Module):
         self.shared_down = None if shared_down is None else nn.Parameter(shared_down.contiguous(), requires_grad=False)
         self.top_k = top_k
         self.act_fn = act_fn
+        self.relax: float | None = None  # router-training temperature; None = the exact sparse execution
 
     @property
     def num_experts(self) -> int:
@@ -56,11 +62,27 @@ class MoEMLP(nn.Module):
         scores = F.linear(x, self.router_weight, self.router_bias)  # (N, E)
         return scores.topk(self.top_k, dim=-1).indices
 
+    def _relaxed(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Top-k output with a straight-through gradient to every router score (see the module docstring)."""
+        ie = self.gate_up.shape[1] // 2
+        gu = torch.einsum("nh,eih->nei", x, self.gate_up)  # (N, E, 2Ie)
+        y = torch.einsum("nei,ehi->neh", self.act_fn(gu[..., :ie]) * gu[..., ie:], self.down)  # (N, E, H)
+        scores = F.linear(x, self.router_weight, self.router_bias)  # (N, E)
+        top = scores.topk(min(self.top_k + 1, self.num_experts), dim=-1).values  # (N, k+1)
+        kth = top[:, self.top_k - 1:self.top_k]
+        tau = (kth + top[:, -1:]) / 2 if self.top_k < self.num_experts else kth - 1.0
+        hard = (scores >= kth).to(x.dtype)
+        soft = torch.sigmoid((scores - tau.detach()) / (self.relax * scores.detach().std(-1, keepdim=True) + 1e-6))
+        mask = hard + soft - soft.detach()  # forward: hard; backward: soft
+        return out + (mask[..., None] * y).sum(1)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # (N, H)
         out = (self._expert(self.shared_gate_up, self.shared_down, x) if self.shared_gate_up is not None
                else torch.zeros_like(x))
+        if self.relax is not None:
+            return self._relaxed(x, out).reshape(shape)
         index = self.route(x)  # (N, k)
         if x.shape[0] == 1:  # decode: only the chosen experts' weights are read
             for e in index[0].tolist():

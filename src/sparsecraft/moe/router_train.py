@@ -1,0 +1,73 @@
+"""Distil the dense model into its MoEfied copy by training only the routers (LLaMA-MoE's second stage, router only).
+
+Loss: KL(teacher || student) of the next-token distributions on token windows, teacher = the dense model. Every
+MoEMLP runs in its relaxed mode (all experts computed, hard top-k forward, straight-through soft mask backward; see
+``modules/moe_mlp.py``); only ``router_weight`` / ``router_bias`` are trained, everything else is frozen, and the
+modules return to exact sparse execution (and the parameters to their ``requires_grad``) when training ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsecraft.modules.moe_mlp import MoEMLP
+
+
+@dataclass(frozen=True)
+class RouterTrainConfig:
+    steps: int = 100
+    batch_size: int = 4  # windows per step
+    lr: float = 1e-3  # Adam
+    temperature: float = 0.5  # soft-mask width in units of the per-token score std
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("steps and batch_size must be >= 1, lr and temperature > 0")
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student); logits (..., V)."""
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def train_routers_(model: nn.Module, teacher: nn.Module, windows: torch.Tensor,
+                   config: RouterTrainConfig) -> list[float]:
+    """Train every MoEMLP router of ``model`` in place on ``windows`` (n, T) token ids; -> loss per step."""
+    moes = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    if not moes:
+        raise ValueError("the model has no MoEMLP to train; run moefy_ first")
+    params = [p for m in moes for p in (m.router_weight, m.router_bias)]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    g = torch.Generator().manual_seed(config.seed)
+    losses = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for m in moes:
+            m.relax = config.temperature
+        opt = torch.optim.Adam(params, lr=config.lr)
+        device = params[0].device
+        for _ in range(config.steps):
+            batch = windows[torch.randint(0, windows.shape[0], (config.batch_size,), generator=g)].to(device)
+            with torch.no_grad():
+                target = teacher(batch).logits
+            loss = kl_to_teacher(model(batch).logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for m in moes:
+            m.relax = None
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return losses

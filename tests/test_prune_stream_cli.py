@@ -21,6 +21,7 @@ from sparsecraft.checkpoint import load_masks, load_packed_state_dict
 from sparsecraft.cli import main
 from sparsecraft.commands import prune as prune_command
 from sparsecraft.commands import prune_streamed
+from sparsecraft.config import RunConfig
 from sparsecraft.engine import stream
 
 
@@ -143,6 +144,11 @@ def test_torchrun_refuses_a_model_it_cannot_stream(assets, tmp_path, monkeypatch
     assert main(args(assets, tmp_path / "o", "--no-stream")) == 2
     assert "distributed pruning (torchrun, WORLD_SIZE=2) streams a local safetensors" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+    cfg = RunConfig(model=str(assets["model"]))  # streamable, but the caller needs the whole model (lm-eval tasks)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2.*but --tasks needs the whole model"):
+        prune_streamed.use_streaming(cfg, False, "--tasks needs the whole model")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert prune_streamed.use_streaming(cfg, False) and not prune_streamed.use_streaming(cfg, False, "--tasks")
 
 
 def test_two_torchrun_ranks_equal_one_process(assets, tmp_path):

@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     eval_text = data.source_text(None if cfg.eval_dataset else cfg.eval, cfg.eval_dataset, "eval") \
         if cfg.eval_windows else None  # first: a bad path fails before the model loads
     tasks = lmeval.check_tasks(cfg.tasks, cfg.task_path) if cfg.tasks else None  # lm-eval tasks too
-    if not tasks and use_streaming(cfg, args.no_stream):  # a local safetensors folder: one block at a time (lm-eval
-        # tasks need the whole model)
+    # a local safetensors folder is pruned one block in memory at a time (commands/prune_streamed.py)
+    if use_streaming(cfg, args.no_stream, "--tasks (lm-eval) needs the whole model" if tasks else None):
         return run_streamed(args, cfg, out, work, calib_text, eval_text, t_start)
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     check_seqlen(model, cfg.seqlen)

@@ -54,11 +54,14 @@ ONE_FILE_BYTES = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def stream_reason(cfg: RunConfig, no_stream: bool) -> str | None:
-    """None when ``cfg.model`` is pruned streamed; else why the whole model is loaded instead."""
+def stream_reason(cfg: RunConfig, no_stream: bool, whole_model: str | None = None) -> str | None:
+    """None when ``cfg.model`` is pruned streamed; else why the whole model is loaded instead (``whole_model``: the
+    caller's own reason, e.g. lm-eval tasks)."""
     path = Path(cfg.model)
     if no_stream:
         return "--no-stream was given"
+    if whole_model:
+        return whole_model
     if cfg.model == "default" or not path.is_dir():
         return f"{cfg.model} is not a local checkpoint folder"
     if not ((path / INDEX).is_file() or (path / SINGLE).is_file()):
@@ -82,10 +85,10 @@ def _is_packed(file: Path) -> bool:
         return True
 
 
-def use_streaming(cfg: RunConfig, no_stream: bool) -> bool:
-    """Whether ``prune`` streams; under torchrun a model that cannot be streamed is refused (every rank would load
-    it and write the output)."""
-    reason = stream_reason(cfg, no_stream)
+def use_streaming(cfg: RunConfig, no_stream: bool, whole_model: str | None = None) -> bool:
+    """Whether ``prune`` streams; under torchrun a run that cannot stream is refused (every rank would load the
+    model and write the output)."""
+    reason = stream_reason(cfg, no_stream, whole_model)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if reason is not None and world > 1:
         raise ValueError(f"distributed pruning (torchrun, WORLD_SIZE={world}) streams a local safetensors checkpoint "

@@ -94,7 +94,7 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, iterations: int =
     if n % num_clusters:
         raise ValueError(f"cannot split {n} neurons into {num_clusters} equal experts; choose a number of experts "
                          f"that divides it")
-    f = F.normalize(features.double(), dim=1)
+    f = F.normalize(features.float(), dim=1)
     g = torch.Generator().manual_seed(seed)
     centroids = f[torch.randperm(n, generator=g)[:num_clusters]]  # (C, d)
     labels = None
@@ -103,7 +103,8 @@ def balanced_kmeans(features: torch.Tensor, num_clusters: int, iterations: int =
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
-        centroids = F.normalize(torch.stack([f[labels == c].mean(0) for c in range(num_clusters)]), dim=1)
+        members = F.one_hot(labels, num_clusters).T.to(f.dtype)  # (C, n)
+        centroids = F.normalize(members @ f, dim=1)  # the direction of each cluster's mean
     first = [int((labels == c).nonzero()[0]) for c in range(num_clusters)]
     rank = torch.empty(num_clusters, dtype=torch.long)
     rank[torch.tensor(sorted(range(num_clusters), key=first.__getitem__))] = torch.arange(num_clusters)
@@ -225,8 +226,11 @@ class MoEfyResult:
 
 @torch.no_grad()
 def moefy_(model: nn.Module, calibration: torch.Tensor, config: MoEfyConfig,
-           include: list[str] | None = None) -> MoEfyResult:
-    """Swap every gated MLP (or the fqns in ``include``) for a MoEMLP planned on ``calibration`` (n, seqlen)."""
+           include: list[str] | None = None, inputs: dict[str, torch.Tensor] | None = None) -> MoEfyResult:
+    """Swap every gated MLP (or the fqns in ``include``) for a MoEMLP planned on ``calibration`` (n, seqlen).
+
+    ``inputs`` (fqn -> (N, H), from ``mlp_inputs``) skips the calibration pass, e.g. to convert one model several
+    ways; it is not modified."""
     mlps = find_gated_mlps(model)
     if not mlps:
         raise ValueError("no gated MLP (gate_proj / up_proj / down_proj without bias) found; moefy supports "
@@ -235,10 +239,11 @@ def moefy_(model: nn.Module, calibration: torch.Tensor, config: MoEfyConfig,
     unknown = [f for f in fqns if f not in mlps]
     if unknown:
         raise ValueError(f"not gated MLPs: {unknown[:3]}; valid fqns look like {next(iter(mlps))}")
-    inputs = mlp_inputs(model, calibration, fqns, config.max_tokens)
+    if inputs is None:
+        inputs = mlp_inputs(model, calibration, fqns, config.max_tokens)
     result = MoEfyResult(config)
     for fqn in fqns:
-        result.plans[fqn] = plan_layer(mlps[fqn], inputs.pop(fqn), config)
+        result.plans[fqn] = plan_layer(mlps[fqn], inputs[fqn][: config.max_tokens], config)
         swap_module_(model, fqn, build_moe_mlp(mlps[fqn], result.plans[fqn], config.top_k))
     return result
 

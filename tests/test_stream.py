@@ -3,6 +3,9 @@ resumable, flat in memory as blocks are added, and strict about broken checkpoin
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import json
 import shutil
 from pathlib import Path
@@ -88,18 +91,27 @@ def test_resume_after_a_crash_equals_uninterrupted(tmp_path, calib):
     assert all(torch.equal(whole.masks[f], resumed.masks[f]) for f in whole.masks)
 
 
+PEAK_CHILD = """
+import resource, sys, torch
+from sparsecraft.engine.stream import prune_streaming
+calib = torch.randint(0, int(sys.argv[3]), (2, 16), generator=torch.Generator().manual_seed(1))
+prune_streaming(sys.argv[1], sys.argv[2], method="wanda", calibration=calib, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
 def test_peak_memory_stays_flat_as_blocks_are_added(tmp_path):
-    # blocks of about 1M fp32 parameters (4 MiB): 3 blocks vs 24 blocks, the checkpoint grows by about 90 MiB
-    calib = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    # blocks of about 1M fp32 parameters (4 MiB): 3 blocks vs 24 blocks, the checkpoint grows by about 90 MiB. Each
+    # prune runs in a fresh process, so neither inherits the other's heap (an in-process peak drifts with it).
     peaks, sizes = [], []
-    for layers in (3, 24):  # both saved first: the freed heap of building a model must not favour either run
+    for layers in (3, 24):
         save_llama(tmp_path / f"src{layers}", layers=layers, hidden=256, ffn=1024, shard="8MB")
         sizes.append(sum(p.stat().st_size for p in (tmp_path / f"src{layers}").glob("*.safetensors")))
     for layers in (3, 24):
-        with PeakMemory(interval=0.005) as pm:
-            prune_streaming(tmp_path / f"src{layers}", tmp_path / f"out{layers}", method="wanda", calibration=calib,
-                            progress=False)
-        peaks.append(pm.peak_rss)
+        done = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(tmp_path / f"src{layers}"),
+                               str(tmp_path / f"out{layers}"), str(VOCAB)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks.append(int(done.stdout.split()[-1]))
     growth = sizes[1] - sizes[0]
     assert growth > 75 * 2**20
     print(f"peak RSS {peaks[0] / 2**20:.0f} MiB (3 blocks) vs {peaks[1] / 2**20:.0f} MiB (24 blocks); checkpoint "

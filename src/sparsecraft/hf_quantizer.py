@@ -132,7 +132,8 @@ class SparsecraftHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         dtype = _model_dtype(model)
-        for fqn, (packed, bias, dense) in sorted(self.pending.items()):
+        for fqn in sorted(self.pending):
+            packed, bias, dense = self.pending.pop(fqn)  # each layer's packed tensors are freed once converted
             packed = _cast(packed, dtype)
             if dense:
                 param = model.get_submodule(fqn).weight
@@ -141,7 +142,7 @@ class SparsecraftHfQuantizer(HfQuantizer):
             else:
                 bias = None if bias is None else bias.to(dtype or bias.dtype)
                 swap_module_(model, fqn, SparseLinear.from_packed(packed, bias))
-        self.pending = {}
+            del packed
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -103,16 +103,15 @@ class ExpertStats:
     """Accumulated over calibration batches for one MoE layer with E experts."""
 
     num_experts: int
-    score_sum: torch.Tensor = None  # (E,) float64: sum over routed tokens of g * ||f||
-    routed: torch.Tensor = None  # (E,) long: tokens routed to each expert
-    weight_sum: torch.Tensor = None  # (E,) float64: sum of router weights (routing frequency, soft)
+    score_sum: torch.Tensor = field(init=False)  # (E,) float64: sum over routed tokens of g * ||f||
+    routed: torch.Tensor = field(init=False)  # (E,) long: tokens routed to each expert
+    weight_sum: torch.Tensor = field(init=False)  # (E,) float64: sum of router weights (soft routing frequency)
     sample: list[torch.Tensor] = field(default_factory=list)  # layer inputs kept for output similarity
 
     def __post_init__(self) -> None:
-        E = self.num_experts
-        self.score_sum = torch.zeros(E, dtype=torch.float64) if self.score_sum is None else self.score_sum
-        self.routed = torch.zeros(E, dtype=torch.long) if self.routed is None else self.routed
-        self.weight_sum = torch.zeros(E, dtype=torch.float64) if self.weight_sum is None else self.weight_sum
+        self.score_sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.routed = torch.zeros(self.num_experts, dtype=torch.long)
+        self.weight_sum = torch.zeros(self.num_experts, dtype=torch.float64)
 
     @property
     def scores(self) -> torch.Tensor:
@@ -222,9 +221,8 @@ def _rebuild_layer(model: nn.Module, fqn: str, gate_up: torch.Tensor, down: torc
 
 def _router_tensors(router: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
     """Every direct tensor of the router with E rows: weight (E, H), biases / correction biases (E,)."""
-    found = {n: t for n, t in [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
-             if t.ndim >= 1 and t.shape[0] == num_experts}
-    return found
+    return {n: t for n, t in [*router.named_parameters(recurse=False), *router.named_buffers(recurse=False)]
+            if t.ndim >= 1 and t.shape[0] == num_experts}
 
 
 def _set_expert_count(model: nn.Module, old: int, new: int) -> None:

@@ -168,3 +168,16 @@ def test_two_torchrun_ranks_equal_one_process(assets, tmp_path):
     two = report_of(tmp_path / "two")["streaming"]
     assert two["world_size"] == 2 and len(two["peak_rss_per_rank"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no leftovers of either rank
+
+
+def test_eval_streams_a_safetensors_folder_with_the_in_memory_number(assets, streamed, monkeypatch, capsys):
+    from sparsecraft.commands import eval as eval_command
+
+    argv = ["eval", str(streamed), "--eval", str(assets["text"]), "--seqlen", "32", "--eval-windows", "3",
+            "--no-progress"]
+    assert main(argv + ["--no-stream"]) == 0
+    whole = capsys.readouterr().out
+    monkeypatch.setattr(eval_command, "load_model", lambda *a, **k: pytest.fail("the whole model was loaded"))
+    assert main(argv) == 0
+    assert capsys.readouterr().out == whole
+    assert whole.startswith(f"perplexity {report_of(streamed)['perplexity']['sparse']:.3f} on 3 windows")

@@ -8,6 +8,7 @@ import logging
 
 from sparsecraft import data, evaluate, lmeval
 from sparsecraft.commands.options import add_config_arguments, config_from_args
+from sparsecraft.commands.prune_streamed import eval_streamed, folder_reason
 from sparsecraft.config import EvalConfig
 from sparsecraft.models import check_seqlen, load_model
 
@@ -19,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Perplexity of a model on consecutive windows of a text (--eval-windows 0 skips "
                                    "it), and lm-evaluation-harness tasks with --tasks.")
     add_config_arguments(p, EvalConfig, positional=("model",))
+    p.add_argument("--no-stream", action="store_true", dest="no_stream",
+                   help="load the whole model even when it is a local safetensors folder (whose perplexity is "
+                        "otherwise computed one block in memory at a time)")
     p.set_defaults(func=run)
 
 
@@ -27,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
     manager = lmeval.check_tasks(cfg.tasks, cfg.task_path) if cfg.tasks else None  # before the model loads
     text = data.source_text(None if cfg.eval_dataset else cfg.eval, cfg.eval_dataset, "eval") \
         if cfg.eval_windows else None
+    if text is not None and not cfg.tasks and not args.no_stream and folder_reason(cfg.model) is None:
+        ppl, n = eval_streamed(cfg.model, text, cfg.seqlen, cfg.eval_windows, cfg.batch_size, cfg.device, cfg.dtype,
+                               args.progress)  # a local safetensors folder: one block in memory at a time
+        print(f"perplexity {ppl:.3f} on {n} windows of {cfg.seqlen} tokens of {cfg.eval_dataset or cfg.eval}")
+        return 0
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     if text is not None:
         check_seqlen(model, cfg.seqlen)

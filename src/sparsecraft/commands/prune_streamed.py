@@ -57,24 +57,41 @@ SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F
 def stream_reason(cfg: RunConfig, no_stream: bool, whole_model: str | None = None) -> str | None:
     """None when ``cfg.model`` is pruned streamed; else why the whole model is loaded instead (``whole_model``: the
     caller's own reason, e.g. lm-eval tasks)."""
-    path = Path(cfg.model)
     if no_stream:
         return "--no-stream was given"
     if whole_model:
         return whole_model
-    if cfg.model == "default" or not path.is_dir():
-        return f"{cfg.model} is not a local checkpoint folder"
-    if not ((path / INDEX).is_file() or (path / SINGLE).is_file()):
-        return f"{cfg.model} holds no safetensors weights"
-    if (path / SINGLE).is_file() and not (path / INDEX).is_file() and _is_packed(path / SINGLE):
-        return f"{cfg.model} is a packed sparse checkpoint"
     if cfg.allocation not in ("uniform", "erk"):
         return f"allocation {cfg.allocation!r} needs the weights of every block at once"
     if cfg.reconstruct_steps > 0:
         return "--reconstruct-steps is not streamed yet"
+    return folder_reason(cfg.model)
+
+
+def folder_reason(spec: str) -> str | None:
+    """None when ``spec`` is a local folder of dense safetensors weights that streams; else why not."""
+    path = Path(spec)
+    if spec == "default" or not path.is_dir():
+        return f"{spec} is not a local checkpoint folder"
+    if not ((path / INDEX).is_file() or (path / SINGLE).is_file()):
+        return f"{spec} holds no safetensors weights"
+    if (path / SINGLE).is_file() and not (path / INDEX).is_file() and _is_packed(path / SINGLE):
+        return f"{spec} is a packed sparse checkpoint"
     if is_moe(build_skeleton(path)):
         return "mixture-of-experts models are not streamed yet"
     return None
+
+
+def eval_streamed(spec: str, text: str, seqlen: int, eval_windows: int, batch_size: int, device: str, dtype: str,
+                  progress: bool) -> tuple[float, int]:
+    """``sparsecraft eval``'s perplexity of a local safetensors folder, one block in memory at a time (the same
+    number as in memory); -> (perplexity, windows)."""
+    tok = _load_tokenizer(spec)
+    check_seqlen(build_skeleton(spec), seqlen)
+    windows = data.eval_windows(data.tokenize(tok, text), seqlen, eval_windows)
+    ppl = perplexity_streaming(spec, windows, batch_size=batch_size, device=resolve_device(device),
+                               dtype=parse_dtype(dtype), progress=progress)
+    return ppl, windows.shape[0]
 
 
 def _is_packed(file: Path) -> bool:

@@ -238,3 +238,11 @@ def test_unknown_task_names_checked_against_the_full_index(monkeypatch, tmp_path
     assert lmeval.check_tasks(["arc_easy"]).all_tasks == ["sc_ll", "arc_easy"] and built[-1] is True
     with pytest.raises(ValueError, match="no tasks given"):
         lmeval.check_tasks([])
+
+
+def test_scores_of_names_metrics_and_drops_non_numbers():
+    results = {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.25, "exact_match,strict-match": 1,
+                     "exact_match_stderr,strict-match": "N/A", "sample_len": 3, "bleu,none": True}}
+    assert lmeval.scores_of(results) == {"t": {"acc": 0.5, "acc_stderr": 0.25, "exact_match[strict-match]": 1.0}}
+    assert lmeval.table(lmeval.scores_of(results)) == [("t", "acc", "0.5000 ± 0.2500"),
+                                                       ("t", "exact_match[strict-match]", "1.0000")]

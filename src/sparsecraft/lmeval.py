@@ -24,14 +24,12 @@ error is ``METRIC_stderr``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 INSTALL_HINT = "pip install 'sparsecraft[eval]' (lm-evaluation-harness)"
-log = logging.getLogger(__name__)
 
 
 def check_installed() -> None:

@@ -4,8 +4,8 @@ through DDP training with SET drop-and-grow."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,16 +15,12 @@ from torch import nn
 from sparsecraft.training import DropAndGrow, DropAndGrowConfig, MaskState
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store, not a TCP port: no race for a free port with other jobs on the machine; a rank left alone gives
+    # up after the timeout instead of hanging the test run
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=120))
     try:
         torch.manual_seed(0)  # same init weights everywhere
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -52,7 +48,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_two_process_gloo_masks_identical() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, _free_port(), tmp), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, tmp), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
     assert r0["updates"] == r1["updates"] == 3  # steps 3, 6, 9
     for fqn in ("0", "2"):

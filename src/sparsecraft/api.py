@@ -4,91 +4,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsecraft.allocation import check_allocation, erk, outlier_ratios, owl, require_varying, uniform
-from sparsecraft.engine.blocks import find_blocks, find_targets, layers_by_block, weight_2d
+from sparsecraft.engine.blocks import layers_by_block, weight_2d
 from sparsecraft.engine.capture import Calibration, as_batches
 from sparsecraft.engine.driver import capture
 from sparsecraft.engine.hooks import LayerCollector
 from sparsecraft.engine.loop import AfterPrune, prune_layer, run_oneshot
 from sparsecraft.engine.passes import input_sqnorms
+from sparsecraft.engine.plan import PrunePlan, plan_prune, resolve_layer_sparsity  # noqa: F401 (public here)
 from sparsecraft.engine.record import PruneResult
 from sparsecraft.engine.resume import ResumeState
-from sparsecraft.methods import Method, get_method
-from sparsecraft.methods.base import supports
+from sparsecraft.methods import Method
 from sparsecraft.moe.prune import moe_aware
-from sparsecraft.patterns import NM, Pattern, check_shape, check_sparsity, parse_pattern, resolve_sparsity
+from sparsecraft.patterns import NM, Pattern, check_sparsity, parse_pattern
 from sparsecraft.search import search_layer_sparsity
-
-
-def resolve_layer_sparsity(targets: dict[str, nn.Module], sparsity: float, pattern: Pattern,
-                           layer_sparsity: Mapping[str, float] | None) -> dict[str, float]:
-    """Per-layer sparsity keyed by fqn: ``layer_sparsity`` entries override the uniform default; 0 = leave dense."""
-    given = dict(layer_sparsity or {})
-    unknown = sorted(set(given) - set(targets))
-    if unknown:
-        example = ", ".join(list(targets)[:3])
-        raise ValueError(f"layer_sparsity names layers that are not prunable targets: {unknown[:5]}; "
-                         f"use full module names such as {example}")
-    out = {}
-    for fqn in targets:
-        s = check_sparsity(given.get(fqn, sparsity))
-        out[fqn] = resolve_sparsity(s, pattern) if s > 0 else 0.0
-    return {fqn: s for fqn, s in out.items() if s > 0}
-
-
-def _check_weights(targets: dict[str, nn.Module], pattern: Pattern) -> None:
-    for fqn, module in targets.items():
-        w = weight_2d(module)
-        if w.device.type == "meta":
-            raise ValueError(f"weight of {fqn} is on the meta device (an offloaded or empty model); load the "
-                             f"weights first, or prune a safetensors folder with streaming")
-        check_shape(tuple(w.shape), pattern, fqn)
-        if not torch.isfinite(w).all():
-            raise ValueError(f"weight of {fqn} contains NaN or inf; fix or reload the model before pruning")
-
-
-@dataclass
-class PrunePlan:
-    """What ``prune`` will do, every input checked: the method, the pattern, the blocks and per-block targets, and
-    the sparsity of every layer it prunes."""
-
-    method: Method
-    pattern: Pattern
-    blocks_fqn: str
-    blocks: nn.ModuleList
-    per_block: list[dict[str, nn.Module]]
-    layer_sparsity: dict[str, float]
-
-
-def plan_prune(model: nn.Module, method: str | Method = "wanda", sparsity: float | None = 0.5,
-               pattern: str | Pattern = "unstructured", *, layer_sparsity: Mapping[str, float] | None = None,
-               include: list[str] | None = None, exclude: list[str] | None = None,
-               method_options: dict[str, Any] | None = None) -> PrunePlan:
-    """Check every argument of ``prune`` against the model without changing anything (a command calls it before
-    it writes anything); raises ValueError saying what to fix."""
-    pattern = parse_pattern(pattern)
-    if sparsity is None and layer_sparsity and not isinstance(pattern, NM):
-        sparsity = 0.0  # only the layers named in layer_sparsity are pruned
-    sparsity = resolve_sparsity(sparsity, pattern)
-    method_obj = get_method(method, **(method_options or {}))
-    if not supports(method_obj, pattern):
-        raise ValueError(f"method {method!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
-                         f"method that supports blocks (magnitude, random, wanda)")
-    blocks_fqn, blocks = find_blocks(model)
-    per_block = [find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)]
-    all_targets = {fqn: m for t in per_block for fqn, m in t.items()}
-    if not all_targets:
-        raise ValueError(f"no prunable layers matched in {blocks_fqn}; loosen include/exclude patterns")
-    planned = resolve_layer_sparsity(all_targets, sparsity, pattern, layer_sparsity)
-    per_block = [{f: m for f, m in t.items() if f in planned} for t in per_block]
-    _check_weights({f: all_targets[f] for f in planned}, pattern)
-    return PrunePlan(method_obj, pattern, blocks_fqn, blocks, per_block, planned)
 
 
 @moe_aware  # MoE models: per-expert Linear views of fused experts, routers kept dense (sparsecraft.moe)
@@ -125,7 +59,7 @@ def prune(
                       exclude=exclude, method_options=method_options)
     method_obj, pattern, blocks_fqn, blocks, per_block, planned = (plan.method, plan.pattern, plan.blocks_fqn,
                                                                    plan.blocks, plan.per_block, plan.layer_sparsity)
-    name = method if isinstance(method, str) else type(method).__name__.lower()
+    name = plan.name
     result = PruneResult(method=name, pattern=str(pattern), blocks=blocks_fqn)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if calibration is None:

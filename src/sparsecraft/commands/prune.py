@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from sparsecraft import data, evaluate, lmeval, report
-from sparsecraft.api import allocate, plan_prune, prune
+from sparsecraft.api import plan_prune, prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.commands.options import add_config_arguments, add_output_arguments, config_from_args
-from sparsecraft.commands.prune_streamed import run_streamed, use_streaming
+from sparsecraft.commands.prune_streamed import layer_sparsity_of, run_streamed, use_streaming
 from sparsecraft.config import RunConfig, read_settings
 from sparsecraft.engine.reconstruct import block_reconstruction_hook
 from sparsecraft.engine.resume import ResumeState, content_fingerprint, text_digest
@@ -62,18 +62,6 @@ def config_from(args: argparse.Namespace) -> RunConfig:
     if args.dampening is not None:
         settings["method_options"] = {**settings.get("method_options", {}), "dampening": args.dampening}
     return config_from_args(RunConfig, args, settings)
-
-
-def layer_sparsity_of(model: torch.nn.Module, cfg: RunConfig, calib: torch.Tensor) -> dict[str, float]:
-    """cfg.layer_sparsity on top of the allocation's (uniform keeps the engine's own per-layer rounding)."""
-    if cfg.allocation == "uniform":
-        return dict(cfg.layer_sparsity)
-    opts = dict(cfg.allocation_options)
-    bounds = {k: float(opts.pop(k)) for k in ("min_sparsity", "max_sparsity") if k in opts}
-    planned = allocate(model, cfg.allocation, cfg.effective_sparsity, cfg.pattern, calib,
-                       include=cfg.include or None, exclude=cfg.exclude or None, options=opts, seed=cfg.seed,
-                       batch_size=cfg.batch_size, **bounds)
-    return {**planned, **cfg.layer_sparsity}
 
 
 def partial_dir(out: Path) -> Path:

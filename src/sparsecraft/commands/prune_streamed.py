@@ -137,13 +137,14 @@ def _load_tokenizer(spec: str) -> Any:
                          f"needs its tokenizer files") from None
 
 
-def _layer_sparsity(skeleton: nn.Module, cfg: RunConfig) -> dict[str, float]:
-    """As the in-memory path: cfg.layer_sparsity on top of the allocation (erk needs shapes only)."""
+def layer_sparsity_of(model: nn.Module, cfg: RunConfig, calib: torch.Tensor | None) -> dict[str, float]:
+    """cfg.layer_sparsity on top of the allocation's (uniform keeps the engine's own per-layer rounding); a skeleton
+    and no calibration suffice for erk (shapes only). Shared by the in-memory and the streamed prune."""
     if cfg.allocation == "uniform":
         return dict(cfg.layer_sparsity)
     opts = dict(cfg.allocation_options)
     bounds = {k: float(opts.pop(k)) for k in ("min_sparsity", "max_sparsity") if k in opts}
-    planned = allocate(skeleton, cfg.allocation, cfg.effective_sparsity, cfg.pattern, None,
+    planned = allocate(model, cfg.allocation, cfg.effective_sparsity, cfg.pattern, calib,
                        include=cfg.include or None, exclude=cfg.exclude or None, options=opts, seed=cfg.seed,
                        batch_size=cfg.batch_size, **bounds)
     return {**planned, **cfg.layer_sparsity}
@@ -157,7 +158,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig, ctx: DistContext, out: Path, 
     calib = data.calibration_windows(data.tokenize(tok, calib_text), cfg.nsamples, cfg.seqlen, cfg.seed)
     windows = data.eval_windows(data.tokenize(tok, eval_text), cfg.seqlen, cfg.eval_windows) if eval_text else None
     sparsity = cfg.sparsity if cfg.sparsity is not None else cfg.effective_sparsity
-    layer_sparsity = _layer_sparsity(skeleton, cfg)
+    layer_sparsity = layer_sparsity_of(skeleton, cfg, None)
     options = dict(plan=layer_sparsity or None, include=cfg.include or None, exclude=cfg.exclude or None,
                    method_options=cfg.method_options)
     check_streaming(cfg.model, cfg.method, sparsity, cfg.pattern, **options)  # every input checked: now write

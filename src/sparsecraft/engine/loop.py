@@ -14,7 +14,7 @@ from torch import nn
 
 from sparsecraft.engine.blocks import set_weight_2d_, to_module_layout, weight_2d
 from sparsecraft.engine.capture import BlockCall
-from sparsecraft.engine.driver import propagate, run_blocks  # noqa: F401 (propagate: used by the streaming driver)
+from sparsecraft.engine.driver import run_blocks
 from sparsecraft.engine.hooks import LayerCollector, collect_inputs
 from sparsecraft.engine.record import LayerRecord, PartialPruneError, PruneResult
 from sparsecraft.methods.base import LayerStats, Method

@@ -26,7 +26,6 @@ import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +35,19 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsecraft.engine.blocks import find_blocks, find_targets, weight_2d
+from sparsecraft.engine.blocks import find_blocks
 from sparsecraft.engine.capture import Calibration, as_batches, capture_block_inputs, move, outside_blocks_on
 from sparsecraft.engine.distributed import DistContext, barrier, check_same_settings, gather_objects, \
     prune_block_distributed, split_batches
 from sparsecraft.engine.hooks import LayerCollector
-from sparsecraft.engine.loop import propagate, prune_block, prune_layer
+from sparsecraft.engine.driver import propagate
+from sparsecraft.engine.loop import prune_block, prune_layer
+from sparsecraft.engine.plan import PrunePlan, plan_prune
 from sparsecraft.engine.record import LayerRecord, PruneResult
 from sparsecraft.checkpoint import MASKS_META, decode_mask, packed_tensors, save_masks, tensor_digest
 from sparsecraft.io import MARKER, StagedOutput, atomic_save_tensors, atomic_write_text, check_output, fsync_dir
-from sparsecraft.methods import Method, get_method
-from sparsecraft.methods.base import supports
-from sparsecraft.patterns import NM, Pattern, check_shape, check_sparsity, parse_pattern, resolve_sparsity
+from sparsecraft.methods import Method
+from sparsecraft.patterns import Pattern
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -221,21 +221,6 @@ def calibration_hash(batches: list[dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()[:16]
 
 
-def layer_plan(targets: dict[str, nn.Module], sparsity: float, pattern: Pattern,
-               plan: Mapping[str, float] | None) -> dict[str, float]:
-    """Per-layer sparsity, the same rule as ``sparsecraft.prune``: plan entries override, 0 leaves a layer dense."""
-    plan = dict(plan or {})
-    unknown = sorted(set(plan) - set(targets))
-    if unknown:
-        raise ValueError(f"plan names layers that are not prunable targets: {unknown[:5]}; use full module names "
-                         f"such as {', '.join(list(targets)[:3])}")
-    out = {}
-    for fqn in targets:
-        s = check_sparsity(plan.get(fqn, sparsity))
-        out[fqn] = resolve_sparsity(s, pattern) if s > 0 else 0.0
-    return {f: s for f, s in out.items() if s > 0}
-
-
 class MasksOnDisk(Mapping):
     """Keep-masks read from a masks.safetensors file on access (a 7B model's masks are 6.5 GB as bool)."""
 
@@ -327,44 +312,16 @@ def _fingerprint(ckpt: Checkpoint, method: str, options: dict, sparsity: float, 
             "checkpoint": ckpt.sizes}
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """What a streamed prune will do, every argument checked against the model's skeleton (no weights needed)."""
-
-    name: str
-    method: Method
-    pattern: Pattern
-    sparsity: float
-    per_block: list[dict[str, nn.Module]]  # the targets of each block that get pruned, modules of the skeleton
-    layer_sparsity: dict[str, float]  # fqn -> sparsity, pruned layers only
+StreamPlan = PrunePlan  # a streamed prune plans exactly as an in-memory one, on the skeleton's shapes
 
 
 def plan_streaming(model: nn.Module, method: str | Method = "wanda", sparsity: float | None = 0.5,
                    pattern: str | Pattern = "unstructured", *, plan: Mapping[str, float] | None = None,
                    include: list[str] | None = None, exclude: list[str] | None = None,
-                   method_options: dict[str, Any] | None = None, calibrated: bool = True) -> StreamPlan:
+                   method_options: dict[str, Any] | None = None, calibrated: bool = True) -> PrunePlan:
     """Check the arguments of ``prune_streaming`` against ``model`` (a skeleton on the meta device is enough)."""
-    pattern = parse_pattern(pattern)
-    if sparsity is None and plan and not isinstance(pattern, NM):
-        sparsity = 0.0
-    sparsity = resolve_sparsity(sparsity, pattern)
-    method_obj = get_method(method, **(method_options or {}))
-    name = method if isinstance(method, str) else type(method).__name__.lower()
-    if not supports(method_obj, pattern):
-        raise ValueError(f"method {name!r} cannot produce the {pattern} pattern; use unstructured or N:M, or a "
-                         f"method that supports blocks (magnitude, random, wanda)")
-    if not calibrated and method_obj.needs:
-        raise ValueError(f"method {name!r} needs calibration data; pass calibration=token ids (nsamples, seqlen)")
-    blocks_fqn, blocks = find_blocks(model)
-    per_block = [find_targets(b, f"{blocks_fqn}.{i}", include, exclude) for i, b in enumerate(blocks)]
-    all_targets = {f: mod for t in per_block for f, mod in t.items()}
-    if not all_targets:
-        raise ValueError(f"no prunable layers matched in {blocks_fqn}; loosen include/exclude patterns")
-    lplan = layer_plan(all_targets, sparsity, pattern, plan)
-    for fqn in lplan:
-        check_shape(tuple(weight_2d(all_targets[fqn]).shape), pattern, fqn)
-    per_block = [{f: mod for f, mod in t.items() if f in lplan} for t in per_block]
-    return StreamPlan(name, method_obj, pattern, sparsity, per_block, lplan)
+    return plan_prune(model, method, sparsity, pattern, layer_sparsity=plan, include=include, exclude=exclude,
+                      method_options=method_options, calibrated=calibrated, check_values=False)
 
 
 def check_streaming(model_dir: str | Path, method: str | Method = "wanda", sparsity: float | None = 0.5,

@@ -41,9 +41,17 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask: what a plain open() would create (safetensors creates files as 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _commit(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, _file_mode())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

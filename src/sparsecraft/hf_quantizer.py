@@ -119,11 +119,11 @@ class SparsecraftHfQuantizer(HfQuantizer):
             self.pending = read_pending(model, path, set(self.quantization_config.packed_modules))
         ignore_unexpected = [PACKED_KEY.pattern]
         ignore_missing = []
-        for fqn, (packed, bias, dense) in self.pending.items():
+        for fqn, (built, bias, dense) in self.pending.items():
             if dense:  # the dense parameter stays and is filled after loading
                 ignore_missing.append(f"^{re.escape(fqn)}\\.weight$")
             else:
-                swap_module_(model, fqn, PendingSparse(packed.shape[1], packed.shape[0]))
+                swap_module_(model, fqn, PendingSparse(built.in_features, built.out_features))
                 ignore_unexpected.append(f"^{re.escape(fqn)}\\.bias$")  # loaded with the packed weight
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | set(
             ignore_unexpected)
@@ -133,16 +133,13 @@ class SparsecraftHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         dtype = _model_dtype(model)
         for fqn in sorted(self.pending):
-            packed, bias, dense = self.pending.pop(fqn)  # each layer's packed tensors are freed once converted
-            packed = _cast(packed, dtype)
-            if dense:
+            built, bias, dense = self.pending.pop(fqn)
+            if dense:  # a packed GPT-2 Conv1D weight: its dense parameter back
                 param = model.get_submodule(fqn).weight
                 with torch.no_grad():
-                    param.data = packed.to_dense().T.contiguous().to(param.device)
-            else:
-                bias = None if bias is None else bias.to(dtype or bias.dtype)
-                swap_module_(model, fqn, SparseLinear.from_packed(packed, bias))
-            del packed
+                    param.data = _cast(built, dtype).to_dense().T.contiguous().to(param.device)
+            else:  # the SparseLinear built while reading, in the model's dtype
+                swap_module_(model, fqn, built if dtype is None or built.values.dtype == dtype else built.to(dtype))
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -161,7 +158,7 @@ def read_pending(model: nn.Module, path: Path, listed: set[str]
                  ) -> dict[str, tuple[formats.AnyPacked, torch.Tensor | None, bool]]:
     """Every packed weight of the file, validated against the model's layer -> {fqn: (packed, bias, dense)}; dense
     is True for a layer that is not an ``nn.Linear`` (it gets its dense weight back)."""
-    raw, meta = read_packed_file(path, select=lambda k: "@" in k or k.endswith(".bias"))  # no dense weight read
+    _, meta = read_packed_file(path, select=lambda key: False)  # the metadata and the file's structure only
     fqns = {key.removesuffix(".weight"): bool(info.get("transposed")) for key, info in meta["packed"].items()}
     if set(fqns) != listed:
         raise ValueError(f"{path}: config.json's quantization_config.packed_modules does not match the packed "
@@ -177,6 +174,9 @@ def read_pending(model: nn.Module, path: Path, listed: set[str]
                              f"packed from another architecture?")
         linear = isinstance(module, nn.Linear) and not transposed
         shape = tuple(weight.T.shape if transposed else weight.shape)
+        # one layer at a time: its tensors are read (checksums verified), turned into the kernel layout and dropped,
+        # so the load never holds every packed tensor next to every layout
+        raw, _ = read_packed_file(path, select=lambda k, f=fqn: k.startswith(f"{f}.weight@") or k == f"{f}.bias")
         parts = {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(f"{fqn}.weight@")}
         packed = formats.from_tensors(parts, f"{path.name}: {fqn}.weight", shape)
         bias = raw.get(f"{fqn}.bias") if linear else None
@@ -184,7 +184,8 @@ def read_pending(model: nn.Module, path: Path, listed: set[str]
                 tuple(bias.shape) != (shape[0],) or not bias.is_floating_point()):
             raise ValueError(f"{path}: {fqn}.bias does not match the model's layer (bias "
                              f"{'expected' if module.bias is not None else 'not expected'}, float ({shape[0]},))")
-        pending[fqn] = (packed, bias, not linear)
+        pending[fqn] = (SparseLinear.from_packed(packed, bias) if linear else packed, bias, not linear)
+        del raw, parts, packed
     return pending
 
 

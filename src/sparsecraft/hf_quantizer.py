@@ -11,12 +11,14 @@ layout (sparsecraft.checkpoint), the tokenizer, ``generation_config.json`` and a
   quantizer removes the guard from the config before transformers resolves the weights file.
 
 Loading (``AutoModelForCausalLM.from_pretrained(folder)`` after ``import sparsecraft``):
-1. before the weights load, every packed tensor is read from the file and validated against the (meta) model
-   (``formats.from_tensors`` with the layer's shape: dtypes, shapes, pad bits, popcounts); each packed ``nn.Linear``
-   is replaced by a parameterless ``PendingSparse`` so transformers neither allocates nor initialises its dense weight;
+1. before the weights load, the metadata is checked against the (meta) model (every packed weight names a 2-D weight
+   of it, the config's packed_modules match); each packed ``nn.Linear`` is replaced by a parameterless
+   ``PendingSparse`` so transformers neither allocates nor initialises its dense weight;
 2. transformers loads every other tensor (the packed entries are ignored, not reported as unexpected);
-3. after loading, each ``PendingSparse`` becomes ``SparseLinear.from_packed`` (its layout checked again by
-   ``check_layout``), built straight from the packed tensors: no dense copy of a pruned weight exists at any point.
+3. after loading, one layer at a time, its packed tensors are read (sha256 verified), validated against the layer's
+   shape (``formats.from_tensors``: dtypes, shapes, pad bits, popcounts) and turned into ``SparseLinear.from_packed``
+   (its layout checked again by ``check_layout``), then dropped: no dense copy of a pruned weight exists at any point,
+   and the peak memory is the packed layers plus one layer (+320 MiB for a 323.5 MiB file, bench/bench_load.py).
    Packed weights of other layer types (GPT-2 Conv1D, stored transposed) are unpacked into their dense parameter.
 
 ``model.save_pretrained(dir)`` writes the packed tensors again (``checkpoint.packed_tensors``), bit-exactly; transformers
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +122,11 @@ class SparsecraftHfQuantizer(HfQuantizer):
             self.pending = read_pending(model, path, set(self.quantization_config.packed_modules))
         ignore_unexpected = [PACKED_KEY.pattern]
         ignore_missing = []
-        for fqn, (built, bias, dense) in self.pending.items():
-            if dense:  # the dense parameter stays and is filled after loading
+        for fqn, layer in self.pending.items():
+            if not layer.linear:  # the dense parameter stays and is filled after loading
                 ignore_missing.append(f"^{re.escape(fqn)}\\.weight$")
             else:
-                swap_module_(model, fqn, PendingSparse(built.in_features, built.out_features))
+                swap_module_(model, fqn, PendingSparse(layer.shape[1], layer.shape[0]))
                 ignore_unexpected.append(f"^{re.escape(fqn)}\\.bias$")  # loaded with the packed weight
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | set(
             ignore_unexpected)
@@ -132,14 +135,19 @@ class SparsecraftHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         dtype = _model_dtype(model)
-        for fqn in sorted(self.pending):
-            built, bias, dense = self.pending.pop(fqn)
-            if dense:  # a packed GPT-2 Conv1D weight: its dense parameter back
+        for fqn in sorted(self.pending):  # one layer at a time: read, checked, converted, its packed tensors dropped
+            layer = self.pending.pop(fqn)
+            packed, bias = load_pending(layer)
+            packed = _cast(packed, dtype)
+            if not layer.linear:  # a packed GPT-2 Conv1D weight: its dense parameter back
                 param = model.get_submodule(fqn).weight
                 with torch.no_grad():
-                    param.data = _cast(built, dtype).to_dense().T.contiguous().to(param.device)
-            else:  # the SparseLinear built while reading, in the model's dtype
-                swap_module_(model, fqn, built if dtype is None or built.values.dtype == dtype else built.to(dtype))
+                    dense = packed.to_dense()
+                    param.data = (dense.T if layer.transposed else dense).contiguous().to(param.device)
+            else:
+                bias = None if bias is None else bias.to(dtype or bias.dtype)
+                swap_module_(model, fqn, SparseLinear.from_packed(packed, bias))
+            del packed, bias
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -154,10 +162,22 @@ class SparsecraftHfQuantizer(HfQuantizer):
         return False
 
 
-def read_pending(model: nn.Module, path: Path, listed: set[str]
-                 ) -> dict[str, tuple[formats.AnyPacked, torch.Tensor | None, bool]]:
-    """Every packed weight of the file, validated against the model's layer -> {fqn: (packed, bias, dense)}; dense
-    is True for a layer that is not an ``nn.Linear`` (it gets its dense weight back)."""
+@dataclass
+class PendingLayer:
+    """A packed layer whose tensors are read after transformers has loaded the rest: where, what shape, and
+    whether it comes back as a SparseLinear (an nn.Linear) or as a dense parameter (a GPT-2 Conv1D)."""
+
+    path: Path
+    fqn: str
+    shape: tuple[int, int]  # (out, in) as packed
+    linear: bool
+    has_bias: bool
+    transposed: bool
+
+
+def read_pending(model: nn.Module, path: Path, listed: set[str]) -> dict[str, PendingLayer]:
+    """The packed weights the metadata lists, checked against the model's layers (names, 2-D weights, bias or
+    not) -> {fqn: PendingLayer}; their tensors are read and validated later, one layer at a time."""
     _, meta = read_packed_file(path, select=lambda key: False)  # the metadata and the file's structure only
     fqns = {key.removesuffix(".weight"): bool(info.get("transposed")) for key, info in meta["packed"].items()}
     if set(fqns) != listed:
@@ -172,21 +192,24 @@ def read_pending(model: nn.Module, path: Path, listed: set[str]
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"{path}: packed weight {fqn}.weight names no 2-D weight of this model; was the file "
                              f"packed from another architecture?")
-        linear = isinstance(module, nn.Linear) and not transposed
-        shape = tuple(weight.T.shape if transposed else weight.shape)
-        # one layer at a time: its tensors are read (checksums verified), turned into the kernel layout and dropped,
-        # so the load never holds every packed tensor next to every layout
-        raw, _ = read_packed_file(path, select=lambda k, f=fqn: k.startswith(f"{f}.weight@") or k == f"{f}.bias")
-        parts = {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(f"{fqn}.weight@")}
-        packed = formats.from_tensors(parts, f"{path.name}: {fqn}.weight", shape)
-        bias = raw.get(f"{fqn}.bias") if linear else None
-        if linear and (bias is not None) != (module.bias is not None) or bias is not None and (
-                tuple(bias.shape) != (shape[0],) or not bias.is_floating_point()):
-            raise ValueError(f"{path}: {fqn}.bias does not match the model's layer (bias "
-                             f"{'expected' if module.bias is not None else 'not expected'}, float ({shape[0]},))")
-        pending[fqn] = (SparseLinear.from_packed(packed, bias) if linear else packed, bias, not linear)
-        del raw, parts, packed
+        shape = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight.shape[1])
+        pending[fqn] = PendingLayer(path, fqn, shape, isinstance(module, nn.Linear) and not transposed,
+                                    getattr(module, "bias", None) is not None, transposed)
     return pending
+
+
+def load_pending(layer: PendingLayer) -> tuple[formats.AnyPacked, torch.Tensor | None]:
+    """One layer's packed tensors read (checksums verified) and validated against its shape -> (packed, bias)."""
+    fqn, path = layer.fqn, layer.path
+    raw, _ = read_packed_file(path, select=lambda k: k.startswith(f"{fqn}.weight@") or k == f"{fqn}.bias")
+    parts = {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(f"{fqn}.weight@")}
+    packed = formats.from_tensors(parts, f"{path.name}: {fqn}.weight", layer.shape)
+    bias = raw.get(f"{fqn}.bias") if layer.linear else None
+    if layer.linear and (bias is not None) != layer.has_bias or bias is not None and (
+            tuple(bias.shape) != (layer.shape[0],) or not bias.is_floating_point()):
+        raise ValueError(f"{path}: {fqn}.bias does not match the model's layer (bias "
+                         f"{'expected' if layer.has_bias else 'not expected'}, float ({layer.shape[0]},))")
+    return packed, bias
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype | None:

@@ -27,3 +27,4 @@ def test_decode_speed_packs_a_copy_that_decodes_the_same_tokens():
     assert speed["same_tokens"] == 1.0 and speed["dense_tok_s"] > 0 and speed["packed_tok_s"] > 0
     assert speed["speedup"] == speed["packed_tok_s"] / speed["dense_tok_s"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model itself is untouched
+    assert all(type(model.get_submodule(f)) is torch.nn.Linear for f in result.masks)  # its own layers back

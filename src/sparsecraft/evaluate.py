@@ -4,11 +4,11 @@ log-likelihood over every predicted token) and greedy-decode tokens/s (dense vs 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsecraft.kernels import isa_scope
-from sparsecraft.modules import sparsify_model_
+from sparsecraft.modules import SparseLinear, swap_module_
 from sparsecraft.patterns import Pattern
 
 
@@ -60,29 +60,44 @@ def greedy_decode(model: nn.Module, ids: torch.Tensor, new_tokens: int, isa: str
 
 
 def decode_race(models: Mapping[str, nn.Module | tuple[nn.Module, str | None]], ids: torch.Tensor, new_tokens: int,
-                rounds: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+                rounds: int, contexts: Mapping[str, Callable[[], AbstractContextManager]] | None = None
+                ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Greedy-decode every model (or (model, kernel isa)) ``rounds`` times, interleaved so that machine noise hits
-    all alike -> (median decode tokens/s per name, the generated ids per name)."""
+    all alike -> (median decode tokens/s per name, the generated ids per name). ``contexts[name]()`` (optional) is
+    entered around each decode of that entry, e.g. to swap modules in and out of a shared model."""
     entries = {name: m if isinstance(m, tuple) else (m, None) for name, m in models.items()}
+    contexts = contexts or {}
     rates: dict[str, list[float]] = {name: [] for name in entries}
     outs: dict[str, torch.Tensor] = {}
     for _ in range(rounds):
         for name, (model, isa) in entries.items():
-            outs[name], rate = greedy_decode(model, ids, new_tokens, isa)
+            with contexts.get(name, contextlib.nullcontext)():
+                outs[name], rate = greedy_decode(model, ids, new_tokens, isa)
             rates[name].append(rate)
     return {name: statistics.median(r) for name, r in rates.items()}, outs
 
 
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[nn.Module]:
+    """Inside the block, ``model`` runs with ``modules`` (fqn -> module) in place of its own; restored on exit."""
+    originals = {fqn: swap_module_(model, fqn, m) for fqn, m in modules.items()}
+    try:
+        yield model
+    finally:
+        for fqn, m in originals.items():
+            swap_module_(model, fqn, m)
+
+
 def decode_speed(model: nn.Module, masks: Mapping[str, torch.Tensor], pattern: Pattern | str, ids: torch.Tensor,
                  new_tokens: int = 32, rounds: int = 3) -> dict[str, float]:
-    """Decode tokens/s of ``model`` (pruned, weights masked in place) as it is, vs a copy whose masked Linear layers
-    are packed SparseLinear modules, in one interleaved run: {"dense_tok_s", "packed_tok_s", "speedup",
-    "same_tokens" (fraction of greedy tokens that agree), "new_tokens", "rounds"}. Only ``nn.Linear`` layers are
-    packed (GPT-2 Conv1D layers stay dense)."""
-    packed = copy.deepcopy(model)
-    linear = {f: m for f, m in masks.items() if isinstance(packed.get_submodule(f), nn.Linear)}
-    sparsify_model_(packed, dict(linear), pattern)
-    rates, outs = decode_race({"dense": model, "packed": packed}, ids, new_tokens, rounds)
+    """Decode tokens/s of ``model`` (pruned, weights masked in place) as it is, vs the same model with its masked
+    Linear layers swapped for packed SparseLinear modules, in one interleaved run: {"dense_tok_s", "packed_tok_s",
+    "speedup", "same_tokens" (fraction of greedy tokens that agree), "new_tokens", "rounds"}. Only the packed layers
+    are built (no copy of the model); ``model`` is unchanged afterwards. GPT-2 Conv1D layers stay dense."""
+    linears = {f: model.get_submodule(f) for f in masks if isinstance(model.get_submodule(f), nn.Linear)}
+    packed = {f: SparseLinear.from_dense(m, masks[f], pattern) for f, m in linears.items()}
+    rates, outs = decode_race({"dense": model, "packed": model}, ids, new_tokens, rounds,
+                              contexts={"packed": lambda: swapped_in(model, packed)})
     same = float((outs["dense"] == outs["packed"]).float().mean())
     return {"dense_tok_s": rates["dense"], "packed_tok_s": rates["packed"],
             "speedup": rates["packed"] / rates["dense"], "same_tokens": same, "new_tokens": new_tokens,

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                        after_prune=after_prune_hook(model, cfg, device, reconstruction))
     sparse_ppl = evaluate.perplexity(model, windows, progress=progress) if windows is not None else None
     scores = {"dense": state.extras["dense_tasks"], "sparse": task_scores(model, tok, cfg, tasks)} if tasks else None
-    speed = None if getattr(args, "no_speed", False) else \
+    speed = None if args.no_speed else \
         evaluate.decode_speed(model, result.masks, result.pattern, calib[:1, :SPEED_PROMPT], SPEED_TOKENS)
     with StagedOutput(out) as stage:
         numbers = write_outputs(model, tok, result, cfg, stage.path, state.extras["dense_ppl"], sparse_ppl, t_start,

@@ -42,9 +42,14 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _file_mode() -> int:
-    """0o666 less the process umask: what a plain open() would create (safetensors creates files as 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """0o666 less the process umask: what a plain open() would create (safetensors creates files as 0o600). The
+    umask is read from /proc (Linux); setting it to read it back would briefly give other threads umask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecraft.formats.bits import FLOAT_DTYPES, check_shape, encode_name, expect, expect_keys, fail, read_pair
+from sparsecraft.formats.bits import (
+    FLOAT_DTYPES,
+    check_shape,
+    dense_from_kept,
+    encode_name,
+    expect,
+    expect_keys,
+    fail,
+    read_pair,
+)
 from sparsecraft.kernels.layout import (
     Layout,
     bitmask_from_bits,
@@ -50,9 +59,7 @@ class BitmaskPacked:
         return self.keep(), self.values
 
     def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(self.shape, dtype=self.values.dtype)
-        dense[self.keep()] = self.values
-        return dense
+        return dense_from_kept(*self.kept())
 
     def to_layout(self, kind: str = "auto") -> Layout:
         """The kernel layout, straight from the stored bytes (bitmask: no bool mask, no dense weight)."""

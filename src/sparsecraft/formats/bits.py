@@ -27,6 +27,13 @@ def unpack_uints(stream: torch.Tensor, count: int, width: int) -> torch.Tensor:
     return (bits << torch.arange(width, dtype=torch.int64)).sum(1)
 
 
+def dense_from_kept(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """keep (rows, cols) bool and its kept values (nnz,) row-major -> the dense weight, zeros where not kept."""
+    dense = torch.zeros(keep.shape, dtype=values.dtype)
+    dense[keep] = values
+    return dense
+
+
 def encode_name(name: str) -> torch.Tensor:
     """A format name as a uint8 tensor, so that a safetensors file describes itself."""
     return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsecraft.formats.bits import FLOAT_DTYPES, check_shape, encode_name, expect, expect_keys, fail, read_pair
+from sparsecraft.formats.bits import (
+    FLOAT_DTYPES,
+    check_shape,
+    dense_from_kept,
+    encode_name,
+    expect,
+    expect_keys,
+    fail,
+    read_pair,
+)
 from sparsecraft.kernels.layout import Layout, layout_from_kept, pack_bits, pad_bits_clear, popcount_rows, unpack_bits
 from sparsecraft.patterns import Block, satisfies
 
@@ -66,10 +75,7 @@ class BlockPacked:
         return self.keep(), values
 
     def to_dense(self) -> torch.Tensor:
-        keep, values = self.kept()
-        dense = torch.zeros(self.shape, dtype=self.tiles.dtype)
-        dense[keep] = values
-        return dense
+        return dense_from_kept(*self.kept())
 
     def to_layout(self, kind: str = "auto") -> Layout:
         return layout_from_kept(*self.kept(), kind)

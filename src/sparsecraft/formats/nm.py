@@ -19,6 +19,7 @@ import torch
 from sparsecraft.formats.bits import (
     FLOAT_DTYPES,
     check_shape,
+    dense_from_kept,
     encode_name,
     expect,
     expect_keys,
@@ -93,10 +94,7 @@ class NMPacked:
         return self.kept()[0]
 
     def to_dense(self) -> torch.Tensor:
-        keep, values = self.kept()
-        dense = torch.zeros(self.shape, dtype=self.values.dtype)
-        dense[keep] = values
-        return dense
+        return dense_from_kept(*self.kept())
 
     def to_layout(self, kind: str = "auto") -> Layout:
         return layout_from_kept(*self.kept(), kind)

@@ -146,8 +146,17 @@ def read_packed_file(path: str | Path, select: Callable[[str], bool] | None = No
     return raw, meta
 
 
-def _parts(raw: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+def packed_parts(raw: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    """The tensors of the packed weight ``key`` (``"{key}@{name}"`` entries) -> {name: tensor}."""
     return {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(key + "@")}
+
+
+def check_bias(path: Path, fqn: str, bias: torch.Tensor | None, has_bias: bool, rows: int) -> None:
+    """A packed Linear's bias from the file against the model's layer: present iff the layer has one, float (rows,)."""
+    if (bias is not None) != has_bias or bias is not None and (tuple(bias.shape) != (rows,)
+                                                               or not bias.is_floating_point()):
+        raise ValueError(f"{path}: {fqn}.bias does not match the model's layer (bias "
+                         f"{'expected' if has_bias else 'not expected'}, float ({rows},)); same architecture?")
 
 
 def load_packed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -155,7 +164,7 @@ def load_packed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raw, meta = read_packed_file(path)
     state = {k: v for k, v in raw.items() if "@" not in k}
     for key, info in meta["packed"].items():
-        dense = formats.from_tensors(_parts(raw, key), key).to_dense()
+        dense = formats.from_tensors(packed_parts(raw, key), key).to_dense()
         state[key] = dense.T.contiguous() if info.get("transposed") else dense
     for key, target in meta["aliases"].items():
         state[key] = state[target]
@@ -187,15 +196,10 @@ def load_packed_model_(model: nn.Module, path: str | Path, layout: str = "auto")
         else:
             w = expected[key]
             shape = tuple(w.T.shape if transposed else w.shape)
-        packed = formats.from_tensors(_parts(raw, key), key, shape)
+        packed = formats.from_tensors(packed_parts(raw, key), key, shape)
         if isinstance(module, (nn.Linear, SparseLinear)) and not transposed:
             bias = state.pop(f"{fqn}.bias", None)
-            want_bias = module.bias is not None
-            if (bias is not None) != want_bias or bias is not None and (tuple(bias.shape) != (shape[0],)
-                                                                       or not bias.is_floating_point()):
-                raise ValueError(f"{_file(path)}: {fqn}.bias does not match the model's layer (bias "
-                                 f"{'expected' if want_bias else 'not expected'}, float ({shape[0]},)); same "
-                                 f"architecture?")
+            check_bias(_file(path), fqn, bias, module.bias is not None, shape[0])
             swaps[fqn] = SparseLinear.from_packed(packed, bias, layout)
             result["sparse"].append(fqn)
         else:

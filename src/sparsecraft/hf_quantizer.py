@@ -47,7 +47,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparsecraft import formats
-from sparsecraft.checkpoint import packed_tensors, read_packed_file
+from sparsecraft.checkpoint import check_bias, packed_parts, packed_tensors, read_packed_file
 from sparsecraft.io import atomic_write_text
 from sparsecraft.modules import SparseLinear, swap_module_
 
@@ -202,13 +202,10 @@ def load_pending(layer: PendingLayer) -> tuple[formats.AnyPacked, torch.Tensor |
     """One layer's packed tensors read (checksums verified) and validated against its shape -> (packed, bias)."""
     fqn, path = layer.fqn, layer.path
     raw, _ = read_packed_file(path, select=lambda k: k.startswith(f"{fqn}.weight@") or k == f"{fqn}.bias")
-    parts = {k.split("@", 1)[1]: v for k, v in raw.items() if k.startswith(f"{fqn}.weight@")}
-    packed = formats.from_tensors(parts, f"{path.name}: {fqn}.weight", layer.shape)
+    packed = formats.from_tensors(packed_parts(raw, f"{fqn}.weight"), f"{path.name}: {fqn}.weight", layer.shape)
     bias = raw.get(f"{fqn}.bias") if layer.linear else None
-    if layer.linear and (bias is not None) != layer.has_bias or bias is not None and (
-            tuple(bias.shape) != (layer.shape[0],) or not bias.is_floating_point()):
-        raise ValueError(f"{path}: {fqn}.bias does not match the model's layer (bias "
-                         f"{'expected' if layer.has_bias else 'not expected'}, float ({layer.shape[0]},))")
+    if layer.linear:
+        check_bias(path, fqn, bias, layer.has_bias, layer.shape[0])
     return packed, bias
 
 

@@ -39,6 +39,7 @@ def _run(tmp_path, keep):
     steps = Steps()
     info = distill(student, teacher, windows, DistillConfig(tokens=3 * 4 * 16, seqlen=16, lr=1e-2), tmp_path,
                    keep=keep, callbacks=[steps])
+    assert all(p.requires_grad for p in teacher.parameters())  # the teacher is left as it was (a copy may train)
     return student, before, info, steps.seen
 
 

@@ -68,7 +68,7 @@ class _Windows(torch.utils.data.Dataset):
 class KDTrainer(Trainer):
     def __init__(self, *args, teacher: nn.Module, temperature: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval()  # its logits are computed under no_grad; requires_grad is left as it was
         self.temperature = temperature
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

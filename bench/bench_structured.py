@@ -10,6 +10,9 @@
     .venv/bin/python bench/bench_structured.py --part speed --threads 2
     # the decision table: shrink vs wanda unstructured / 2:4 run with the packed kernels, same decode race
     .venv/bin/python bench/bench_structured.py --part decide --threads 2
+    # the decision plot from the decide json (--out) and the distill jsons; loads no model
+    .venv/bin/python bench/bench_structured.py --part plot-decide --out runs/structured_decide.json \
+        --distilled runs/a.json,runs/b.json --plot docs/img/structured_decision.png
 
 ``--part compare`` is the earlier run: magnitude vs activation-aware vs learned gates at 75% (``--only``).
 Labels name a run: "<axes joined by +>[ <method>]", method default activation; "slicegpt" = activation + rotation.
@@ -224,9 +227,46 @@ def part_decide(args, dense, calib, ev, prompt, out: dict, save) -> None:
     save()
 
 
+def plot_decide(out: dict, distilled: list[dict], path: Path) -> None:
+    """Perplexity vs measured decode speedup: shrink (one line over fractions) vs packed wanda points; distilled
+    models (``distilled``: the ``distill`` records of --part distill runs) drawn at their undistilled twin's speed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = out["decide"]["rows"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    shrink_rows = sorted((r["decode_x"], r["ppl"], n) for n, r in rows.items() if n.startswith("shrink"))
+    ax.plot([x for x, _, _ in shrink_rows], [p for _, p, _ in shrink_rows], "o-", label="shrink (dense, smaller)")
+    for x, p, n in shrink_rows:
+        ax.annotate(f"{rows[n]['kept']:.0%}", (x, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for n, r in rows.items():
+        if not n.startswith("shrink"):
+            ax.plot([r["decode_x"]], [r["ppl"]], "s", label=f"{n} packed ({r['kept']:.0%} params)")
+    for d in distilled:
+        if d["label"].startswith("wanda"):  # the packed twin of a masked distillation
+            twin = next(n for n in rows if n.startswith(d["label"] + " "))
+        else:  # the shrunk twin of the same size
+            twin = min((n for n in rows if n.startswith("shrink")), key=lambda n: abs(rows[n]["kept"] - d["kept"]))
+        ax.plot([rows[twin]["decode_x"]], [d["after"]], "*", markersize=11,
+                label=f"{twin} + distill {d['tokens']:,} tokens")
+    ax.axhline(out["dense_ppl"], color="grey", lw=0.8)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("decode tokens/s vs dense (batch 1, this CPU, one race)")
+    ax.set_ylabel("perplexity (log)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["sweep", "compare", "distill", "speed", "decide", "memory-child"],
+    ap.add_argument("--part", choices=["sweep", "compare", "distill", "speed", "decide", "plot-decide",
+                                       "memory-child"],
                     default="sweep")
     ap.add_argument("--fractions", default="0.9,0.75,0.6,0.5")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")
@@ -234,6 +274,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--only", default="", help="comma list of run labels (default: the part's list)")
     ap.add_argument("--plot", default="", help="sweep: write perplexity vs parameters kept here")
+    ap.add_argument("--distilled", default="", help="plot-decide: comma list of --part distill jsons to draw")
     ap.add_argument("--label", default="mlp", help="distill / decide: the shrink run")
     ap.add_argument("--fraction", type=float, default=0.75, help="distill: parameters kept")
     ap.add_argument("--masked", default="", help="distill: a wanda pattern (2:4, unstructured) with masks fixed")
@@ -255,6 +296,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.part == "memory-child":
         return memory_child()
+    if args.part == "plot-decide":  # no model: the decide json + distill jsons -> the decision plot
+        done = [json.loads(Path(f).read_text())["distill"] for f in args.distilled.split(",") if f]
+        return plot_decide(json.loads(Path(args.out).read_text()), done, Path(args.plot))
     torch.manual_seed(0)
     dense, tok = load_model(None)
     stream = data.tokenize(tok, data.read_text("shakespeare", "calib"))

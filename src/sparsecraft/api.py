@@ -38,7 +38,7 @@ def prune(
     exclude: list[str] | None = None,
     method_options: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
-    offload: torch.device | str = "cpu",
+    offload: torch.device | str = "auto",
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
@@ -51,9 +51,9 @@ def prune(
     (e.g. from ``sparsecraft.allocate``). ``include`` / ``exclude`` are fnmatch patterns on fqns (e.g.
     ``["*.mlp.*"]``). Embeddings and the LM head are never pruned. Returns a PruneResult with explicit keep-masks and
     per-layer realized sparsity, relative reconstruction error and time. Blocks move to ``device`` one at a time;
-    cached block inputs live on ``offload`` (CPU by default, or the device itself when it has room). ``resume``
-    continues an interrupted run; ``after_prune`` runs on each block after its layers are pruned (e.g. block
-    reconstruction).
+    cached block inputs live on ``offload`` (``"auto"``: on a GPU ``device`` when they fit in its free memory, else
+    on the CPU; or a device). ``resume`` continues an interrupted run; ``after_prune`` runs on each block after its
+    layers are pruned (e.g. block reconstruction).
     """
     plan = plan_prune(model, method, sparsity, pattern, layer_sparsity=layer_sparsity, include=include,
                       exclude=exclude, method_options=method_options)

@@ -98,6 +98,29 @@ def capture_block_inputs(
     return calls
 
 
+def resolve_offload(offload: torch.device | str, device: torch.device | str, cache_bytes: int) -> torch.device:
+    """Where cached block inputs live. ``"auto"``: on the compute device when it is a GPU with room for the cache
+    three times over (the inputs, the block's outputs that replace them, headroom for the block), else on the CPU."""
+    if str(offload) != "auto":
+        return torch.device(offload)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if 3 * cache_bytes <= free else torch.device("cpu")
+
+
+def auto_offload(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device | str,
+                 dtype: torch.dtype) -> torch.device:
+    """``resolve_offload("auto", ...)`` for the hidden states of ``batches`` (one (B, T, hidden) tensor each, in
+    ``dtype``); the CPU when the model's config does not say its hidden size."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        return torch.device("cpu")
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return resolve_offload("auto", device, tokens * hidden * torch.empty((), dtype=dtype).element_size())
+
+
 @contextmanager
 def outside_blocks_on(model: nn.Module, blocks_fqn: str, device: torch.device | str) -> Iterator[None]:
     """Move every parameter and buffer outside the block list (embeddings, rotary tables, ...) to ``device`` for

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsecraft.engine.blocks import find_blocks
-from sparsecraft.engine.capture import BlockCall, capture_block_inputs, outside_blocks_on
+from sparsecraft.engine.capture import BlockCall, auto_offload, capture_block_inputs, outside_blocks_on
 
 # step(i, block, calls): work on block i (already on the compute device) with its cached inputs ``calls``.
 BlockStep = Callable[[int, nn.Module, list[BlockCall]], None]
@@ -24,9 +24,14 @@ def capture(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device
             offload: torch.device | str = "cpu") -> tuple[str, nn.ModuleList, list[BlockCall]]:
     """Find the blocks and catch what block 0 receives for every batch -> (blocks fqn, blocks, calls).
 
+    ``offload`` is where the cached inputs live: a device, or ``"auto"`` (the GPU when they fit, else the CPU).
+
     Embeddings and everything else outside the blocks visit ``device`` for the capture and go back afterwards.
     """
     blocks_fqn, blocks = find_blocks(model)
+    if str(offload) == "auto":
+        batches = list(batches)
+        offload = auto_offload(model, batches, device, next(model.parameters()).dtype)
     with outside_blocks_on(model, blocks_fqn, device):
         calls = capture_block_inputs(model, blocks[0], batches, device, offload)
     return blocks_fqn, blocks, calls

@@ -36,7 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsecraft.engine.blocks import find_blocks
-from sparsecraft.engine.capture import Calibration, as_batches, capture_block_inputs, move, outside_blocks_on
+from sparsecraft.engine.capture import (Calibration, as_batches, auto_offload, capture_block_inputs, move,
+                                       outside_blocks_on)
 from sparsecraft.engine.distributed import DistContext, barrier, check_same_settings, gather_objects, \
     prune_block_distributed, split_batches
 from sparsecraft.engine.hooks import LayerCollector
@@ -388,7 +389,9 @@ def prune_streaming(
     calls = []
     if mine:
         with outside_blocks_on(m.model, m.blocks_fqn, device):
-            calls = capture_block_inputs(m.model, m.blocks[0], [batches[j] for j in mine], device, "cpu")
+            own = [batches[j] for j in mine]
+            offload = auto_offload(m.model, own, device, m.dtype or torch.float32)
+            calls = capture_block_inputs(m.model, m.blocks[0], own, device, offload)
     release_(m.model, m.outside_keys)  # embeddings and head are not needed again: one block at a time from here
     lasts = gather_objects(ctx, prog.last_block, "the resume check")
     if len(set(lasts)) > 1:
@@ -555,7 +558,8 @@ def perplexity_streaming(model_dir: str | Path, windows: torch.Tensor, batch_siz
     m = _Model(model_dir, device, dtype)
     batches = [{"input_ids": w} for w in windows.split(batch_size)]
     with outside_blocks_on(m.model, m.blocks_fqn, device):
-        calls = capture_block_inputs(m.model, m.blocks[0], batches, device, "cpu")
+        offload = auto_offload(m.model, batches, device, m.dtype or torch.float32)
+        calls = capture_block_inputs(m.model, m.blocks[0], batches, device, offload)
     returns_tuple = False
     for i in tqdm(range(len(m.blocks)), desc="perplexity (streamed)", disable=not progress, unit="block"):
         block = m.load_block(i)

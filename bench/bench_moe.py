@@ -1,11 +1,20 @@
-"""SmolLM2-135M turned into an MoE (moefy, no fine-tune): perplexity at k of E experts and batch-1 decode vs dense.
+"""SmolLM2-135M turned into an MoE (moefy): perplexity at k of E experts vs dense and vs unstructured MLP sparsity with
+the same active MLP weights, before and after the down-projection refit and router / expert distillation; and
+batch-1 decode of the MoE vs dense.
 
-    python bench/bench_moe.py --experts 8 --top-k 1,2,4 --shared 0,1 --new-tokens 32 --rounds 3
+    OMP_NUM_THREADS=1 python bench/bench_moe.py --configs 0:1,0:2,0:4,1:1,1:2,1:3,1:4,3:1 \\
+        --train 0:4:router:300,1:4:router:300,1:3:experts:600 --json bench/results/moe.json
+    python bench/bench_moe.py --decode --configs 0:4,1:3 --threads 2 --rounds 5
 
-Every MLP (30 blocks, 1536 neurons) is split into --experts equal experts by balanced k-means on neuron co-activation
-over the calibration windows (default corpus); --shared S of them always run. One conversion per S; k is changed
-afterwards (the partition and router do not depend on k). Perplexity on the held-out works (the same windows for every
-row); decode tok/s of greedy batch-1 generation, dense and MoE interleaved in the same run (median of --rounds).
+--configs lists shared:k pairs (E = --experts); one conversion per shared count, k is changed afterwards (the
+partition and router do not depend on k). For every row: perplexity training-free, with the centroid router instead
+of lstsq (--centroid-k), and after ``refit_down_`` (ridge --refit) for that k. Every active fraction also gets a
+wanda row that prunes only the MLP Linears to the same density (calibration: the first --wanda-nsamples windows).
+--train shared:k:router|experts:SECONDS distils the dense model into the refitted MoE for a wall-clock budget
+(KL on --train-seqlen windows of the calibration works, seed 1). --decode times greedy batch-1 generation, dense and
+MoE interleaved in one run (median of --rounds); decode speed does not depend on which neurons share an expert, so
+its conversion uses only --decode-tokens calibration tokens. Perplexity: the first --eval-windows windows of the
+held-out works (the windows of docs/activation.md).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,83 +32,170 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import PROMPT, race  # noqa: E402
 
-from sparsecraft import data, evaluate  # noqa: E402
+from sparsecraft import data, evaluate, prune  # noqa: E402
 from sparsecraft.models import load_model  # noqa: E402
-from sparsecraft.moe.router_train import RouterTrainConfig, train_routers_  # noqa: E402
+from sparsecraft.modules.moe_mlp import MoEMLP  # noqa: E402
 from sparsecraft.moe.moefy import MoEfyConfig, find_gated_mlps, mlp_inputs, moefy_, set_top_k_  # noqa: E402
+from sparsecraft.moe.refit import refit_down_  # noqa: E402
+from sparsecraft.moe.router_train import RouterTrainConfig, train_routers_  # noqa: E402
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def _pairs(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+
+
+def _log(row: dict, rows: list[dict]) -> None:
+    rows.append(row)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+def _moes(model: torch.nn.Module) -> list[MoEMLP]:
+    return [m for m in model.modules() if isinstance(m, MoEMLP)]
+
+
+@torch.no_grad()
+def _use_centroid_router_(model: torch.nn.Module) -> None:
+    """MoEfication's router: each routed expert scored by the mean of its gate rows, no bias."""
+    for m in _moes(model):
+        ie = m.gate_up.shape[1] // 2
+        m.router_weight.copy_(m.gate_up[:, :ie].mean(1))
+        m.router_bias.zero_()
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "down" in n or "router" in n}
+
+
+@torch.no_grad()
+def _restore_(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    for n, p in model.named_parameters():
+        if n in saved:
+            p.copy_(saved[n])
+
+
+def wanda_rows(base, calib, windows, fractions, dense_ppl, rows) -> None:
+    for active in sorted(fractions):
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        prune(model, "wanda", 1 - active, calibration=calib, include=["*.mlp.*"], progress=False)
+        ppl = evaluate.perplexity(model, windows)
+        _log({"kind": "wanda-mlp", "active": active, "mlp_sparsity": 1 - active, "ppl": ppl, "dense_ppl": dense_ppl,
+              "seconds": time.perf_counter() - start}, rows)
+        del model
+
+
+def moe_rows(base, calib, windows, inputs, args, dense_ppl, rows) -> None:
+    configs = _pairs(args.configs)
+    trains = [t for t in (args.train.split(",") if args.train else []) if t.strip()]
+    for shared in sorted({s for s, _ in configs}):
+        ks = sorted(k for s, k in configs if s == shared)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        result = moefy_(model, calib, MoEfyConfig(args.experts, max(ks), shared, "lstsq",
+                                                  max_tokens=args.max_tokens), inputs=inputs)
+        convert_s = time.perf_counter() - start
+        original = _snapshot(model)
+        for k in ks:
+            active = (shared + k) / args.experts
+            set_top_k_(model, k)
+            row = {"kind": "moe", "experts": args.experts, "shared": shared, "top_k": k, "active": active,
+                   "dense_ppl": dense_ppl, "convert_s": convert_s,
+                   "router_recall_at_max_k": result.as_dict()["router_recall_mean"]}
+            row["ppl"] = evaluate.perplexity(model, windows)
+            if k in {int(v) for v in args.centroid_k.split(",") if v.strip()}:
+                _use_centroid_router_(model)
+                row["ppl_centroid"] = evaluate.perplexity(model, windows)
+                _restore_(model, original)
+            if args.refit:
+                start = time.perf_counter()
+                errors = refit_down_(model, {f: x[: args.max_tokens] for f, x in inputs.items()}, args.refit)
+                row["refit_s"] = time.perf_counter() - start
+                row["refit_err_before"] = sum(e[0] for e in errors.values()) / len(errors)
+                row["refit_err_after"] = sum(e[1] for e in errors.values()) / len(errors)
+                row["ppl_refit"] = evaluate.perplexity(model, windows)
+            for spec in trains:
+                s, tk, mode, seconds = spec.split(":")
+                if (int(s), int(tk)) == (shared, k):
+                    row.update(_train(model, base, windows, mode, float(seconds), args))
+            _log(row, rows)
+            _restore_(model, original)
+        del model
+
+
+def _train(model, base, windows, mode: str, seconds: float, args) -> dict:
+    if mode not in ("router", "experts"):
+        raise ValueError(f"--train mode must be router or experts, got {mode!r}")
+    student = copy.deepcopy(model)  # the refitted model at this k; the conversion stays untouched for other rows
+    tok_windows = data.calibration_data(args.tokenizer, "shakespeare", 512, args.train_seqlen, 1)
+    config = RouterTrainConfig(steps=10_000, batch_size=args.train_batch, lr=args.train_lr,
+                               expert_lr=args.expert_lr if mode == "experts" else 0.0, max_seconds=seconds)
+    start = time.perf_counter()
+    losses = train_routers_(student, base, tok_windows, config)
+    out = {f"trained_{mode}_s": time.perf_counter() - start, f"trained_{mode}_steps": len(losses),
+           f"kl_first_{mode}": losses[0], f"kl_last_{mode}": sum(losses[-5:]) / len(losses[-5:]),
+           f"ppl_trained_{mode}": evaluate.perplexity(student, windows)}
+    del student
+    return out
+
+
+def decode_rows(base, tok, args, rows) -> None:
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    calib = data.calibration_data(tok, "shakespeare", 1, args.decode_tokens, 0)
+    for shared, k in _pairs(args.configs):
+        model = copy.deepcopy(base)
+        moefy_(model, calib, MoEfyConfig(args.experts, k, shared, "lstsq", iterations=2, max_tokens=args.decode_tokens))
+        rates, _ = race({"dense": (base, None), "moe": (model, None)}, ids, args.new_tokens, args.rounds)
+        _log({"kind": "decode", "shared": shared, "top_k": k, "active": (shared + k) / args.experts,
+              "dense_tok_s": rates["dense"], "moe_tok_s": rates["moe"], "speedup": rates["moe"] / rates["dense"],
+              "threads": torch.get_num_threads(), "loadavg": os.getloadavg()[0]}, rows)
+        del model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", default="1,2,4")
-    p.add_argument("--shared", default="0,1")
-    p.add_argument("--router", default="lstsq")
+    p.add_argument("--configs", default="0:1,0:2,0:4,1:1,1:2,1:3,1:4", help="shared:k pairs")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens per MLP: clustering, router, refit")
     p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--refit", type=float, default=0.3, help="refit_down_ ridge; 0 = no refit rows")
+    p.add_argument("--centroid-k", default="4", help="k values that also get a centroid-router row")
+    p.add_argument("--wanda", type=int, default=1, help="1 = unstructured wanda MLP rows at the same active fractions")
+    p.add_argument("--wanda-nsamples", type=int, default=8)
+    p.add_argument("--train", default="", help="shared:k:router|experts:SECONDS, comma-separated")
+    p.add_argument("--train-seqlen", type=int, default=128)
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-lr", type=float, default=2e-3)
+    p.add_argument("--expert-lr", type=float, default=3e-5)
+    p.add_argument("--decode", action="store_true", help="only the decode race (dense vs MoE per config)")
+    p.add_argument("--decode-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--train-steps", type=int, default=0, help="router distillation steps after the training-free rows")
-    p.add_argument("--train-k", type=int, default=4, help="k the routers are trained (and evaluated) at")
-    p.add_argument("--train-seqlen", type=int, default=256)
-    p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="", help="also write the rows to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load_model(None)
-    calib = data.calibration_data(tok, "shakespeare", args.nsamples, args.seqlen, 0)
-    windows = data.evaluation_data(tok, "shakespeare", args.seqlen, args.eval_windows)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        dense_ppl = evaluate.perplexity(base, windows)
-    print(f"threads={torch.get_num_threads()} calib={args.nsamples}x{args.seqlen} eval={args.eval_windows}x"
-          f"{args.seqlen} router={args.router} dense perplexity {dense_ppl:.2f}", flush=True)
-    start = time.perf_counter()
-    inputs = mlp_inputs(base, calib, list(find_gated_mlps(base)), args.max_tokens)  # shared by every conversion
-    inputs_s = time.perf_counter() - start
-    rows = []
-    for shared in _ints(args.shared):
-        ks = [k for k in _ints(args.top_k) if k <= args.experts - shared]
-        model = copy.deepcopy(base)
-        start = time.perf_counter()
-        result = moefy_(model, calib, MoEfyConfig(args.experts, max(ks), shared, args.router,
-                                                  max_tokens=args.max_tokens), inputs=inputs)
-        convert_s = time.perf_counter() - start + inputs_s
-        for k in ks:
-            set_top_k_(model, k)
-            cfg = MoEfyConfig(args.experts, k, shared, args.router)
-            with torch.no_grad():
-                ppl = evaluate.perplexity(model, windows)
-            rates, outs = race({"dense": (base, None), "moe": (model, None)}, ids, args.new_tokens, args.rounds)
-            row = {"experts": args.experts, "shared": shared, "top_k": k, "active": cfg.active_fraction,
-                   "ppl": ppl, "dense_ppl": dense_ppl, "dense_tok_s": rates["dense"], "moe_tok_s": rates["moe"],
-                   "speedup": rates["moe"] / rates["dense"], "convert_s": convert_s,
-                   "router_recall_at_max_k": result.as_dict()["router_recall_mean"]}
-            rows.append(row)
-            print(f"E={args.experts} shared={shared} k={k} active={cfg.active_fraction:.3f}: perplexity {ppl:8.2f} "
-                  f"(dense {dense_ppl:.2f})  decode {rates['moe']:5.1f} vs dense {rates['dense']:5.1f} tok/s = "
-                  f"{row['speedup']:.2f}x  (convert {convert_s:.0f} s)", flush=True)
-        if args.train_steps and args.train_k <= args.experts - shared:
-            train = data.calibration_data(tok, "shakespeare", 4 * args.train_steps, args.train_seqlen, 1)
-            set_top_k_(model, args.train_k)
-            start = time.perf_counter()
-            losses = train_routers_(model, base, train, RouterTrainConfig(args.train_steps, lr=args.train_lr))
-            train_s = time.perf_counter() - start
-            with torch.no_grad():
-                ppl = evaluate.perplexity(model, windows)
-            rows.append({"experts": args.experts, "shared": shared, "top_k": args.train_k, "trained_steps":
-                         args.train_steps, "ppl": ppl, "kl_first": losses[0], "kl_last": losses[-1], "train_s": train_s})
-            print(f"E={args.experts} shared={shared} k={args.train_k} after {args.train_steps} router-distillation "
-                  f"steps ({train_s:.0f} s, KL {losses[0]:.3f} -> {losses[-1]:.3f}): perplexity {ppl:8.2f}", flush=True)
-        del model
+    args.tokenizer = tok
+    rows: list[dict] = []
+    print(f"threads={torch.get_num_threads()} loadavg={os.getloadavg()}", flush=True)
+    if args.decode:
+        decode_rows(base, tok, args, rows)
+    else:
+        calib = data.calibration_data(tok, "shakespeare", args.nsamples, args.seqlen, 0)
+        windows = data.evaluation_data(tok, "shakespeare", args.seqlen, args.eval_windows)
+        with torch.no_grad():
+            dense_ppl = evaluate.perplexity(base, windows)
+        _log({"kind": "dense", "ppl": dense_ppl}, rows)
+        inputs = mlp_inputs(base, calib, list(find_gated_mlps(base)), args.max_tokens)
+        moe_rows(base, calib, windows, inputs, args, dense_ppl, rows)
+        if args.wanda:
+            fractions = {(s + k) / args.experts for s, k in _pairs(args.configs)}
+            wanda_rows(base, calib[: args.wanda_nsamples], windows, fractions, dense_ppl, rows)
+    print(f"loadavg at the end {os.getloadavg()}", flush=True)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 

@@ -100,3 +100,13 @@ def test_expert_distillation_trains_experts_and_routers(tokens):
     assert all(isinstance(m, MoEMLP) and m.relax is None for m in model.modules() if isinstance(m, MoEMLP))
     with pytest.raises(ValueError, match="expert_lr >= 0"):
         RouterTrainConfig(expert_lr=-1.0)
+
+
+def test_wall_clock_budget_stops_after_one_step(tokens):
+    teacher = tiny_model("llama")
+    model = copy.deepcopy(teacher)
+    moefy_(model, tokens, MoEfyConfig(num_experts=4, top_k=1))
+    losses = train_routers_(model, teacher, tokens, RouterTrainConfig(steps=50, batch_size=2, max_seconds=1e-9))
+    assert len(losses) == 1
+    with pytest.raises(ValueError, match="max_seconds > 0"):
+        RouterTrainConfig(max_seconds=0.0)

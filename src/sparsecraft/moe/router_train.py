@@ -11,6 +11,7 @@ return to exact sparse execution (and the parameters to their ``requires_grad``)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,14 @@ class RouterTrainConfig:
     batch_size: int = 4  # windows per step
     lr: float = 1e-3  # Adam, routers
     expert_lr: float = 0.0  # Adam, experts' gate_up / down (shared included); 0 = routers only
+    max_seconds: float | None = None  # stop after the step that passes this wall-clock budget
     temperature: float = 0.5  # soft-mask width in units of the per-token score std
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0 or self.expert_lr < 0:
-            raise ValueError("steps and batch_size must be >= 1, lr and temperature > 0, expert_lr >= 0")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0 or self.expert_lr < 0 \
+                or (self.max_seconds is not None and self.max_seconds <= 0):
+            raise ValueError("steps and batch_size must be >= 1, lr, temperature and max_seconds > 0, expert_lr >= 0")
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,7 @@ def train_routers_(model: nn.Module, teacher: nn.Module, windows: torch.Tensor,
         groups = [{"params": params, "lr": config.lr}] + ([{"params": experts, "lr": config.expert_lr}] if experts else [])
         opt = torch.optim.Adam(groups)
         device = params[0].device
+        start = time.perf_counter()
         for _ in range(config.steps):
             batch = windows[torch.randint(0, windows.shape[0], (config.batch_size,), generator=g)].to(device)
             with torch.no_grad():
@@ -73,6 +77,8 @@ def train_routers_(model: nn.Module, teacher: nn.Module, windows: torch.Tensor,
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+                break  # at least one step always runs
     finally:
         for m in moes:
             m.relax = None

@@ -378,20 +378,40 @@ def tiny_run(tmp_path_factory) -> dict:
     return {"model": make_checkpoint(root / "tiny"), "text": make_text(root / "text.txt", repeats=10)}
 
 
+def test_needle_prompt_golden() -> None:
+    from sparsecraft.attention.evaluate import needle_prompt
+
+    t = lambda s: torch.tensor([ord(c) for c in s])
+    text = lambda ids: "".join(chr(i) for i in ids.tolist())
+    # haystack 12 - 1 - 2 = 9 tokens "abcdabcda"; the needle after round(0.5 * 9) = 4 of them
+    assert text(needle_prompt(t("abcd"), t("N"), t("?Q"), 12, 0.5)) == "abcdNabcda?Q"
+    assert text(needle_prompt(t("abcd"), t("N"), t("?Q"), 12, 0.1)) == "aNbcdabcda?Q"  # round(0.9) = 1
+    assert text(needle_prompt(t("xy"), t("NN"), t("Q"), 5, 1.0)) == "xyNNQ"
+    with pytest.raises(ValueError, match="cannot hold a needle"):
+        needle_prompt(t("ab"), t("NNN"), t("QQ"), 4, 0.5)
+
+
 def test_needle_prompts_and_full_budget_retrieval(model) -> None:
     from helpers_cli import TEXT, char_tokenizer
-    from sparsecraft.attention.evaluate import needle_accuracy, needle_prompts, needle_room
+    from sparsecraft.attention.evaluate import PASSAGE, needle_accuracy, needle_prompts, needle_room
 
-    tok = char_tokenizer(TEXT + "0123456789?WT")
+    tok = char_tokenizer(TEXT + "0123456789?WTR")
     chars = lambda ids: "".join(tok.convert_ids_to_tokens(ids.tolist()))
-    tokens = torch.tensor(tok(TEXT * 3, add_special_tokens=False)["input_ids"])
-    prompts = needle_prompts(tok, tokens, 200, 3)
-    for i, (ids, answer) in enumerate(prompts):
-        text = chars(ids)
-        assert ids.numel() == 200 and text.endswith("What is the secret number? The secret number is")
-        assert f"The secret number is {answer}." in text and len(answer) == 4
-    depths = [chars(ids).index("The secret") for ids, _ in prompts]
-    assert depths[0] < depths[1] < depths[2]  # 10%, 50%, 90% of the haystack
+    text = TEXT * 3
+    tokens = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    prompts = needle_prompts(tok, tokens, 400, 3)
+    for ids, answer in prompts:
+        s = chars(ids)
+        assert ids.numel() == 400 and s.endswith("\nWhat is the pass key? The pass key is")
+        assert f"\nThe pass key is {answer}. Remember it. {answer} is the pass key.\n" in s and len(answer) == 5
+        hay = s.replace(f"\nThe pass key is {answer}. Remember it. {answer} is the pass key.\n", "")
+        hay = hay[:-len("\nWhat is the pass key? The pass key is")]
+        passage = hay[:PASSAGE]
+        assert passage in text and hay == (passage * 5)[:len(hay)]  # one passage of the text, repeated
+    needle_len = len("\nThe pass key is 12345. Remember it. 12345 is the pass key.\n")
+    hay_len = 400 - needle_len - len("\nWhat is the pass key? The pass key is")
+    depths = [chars(ids).index("\nThe pass") for ids, _ in prompts]
+    assert depths == [round(d * hay_len) for d in (0.1, 0.5, 0.9)]  # 10%, 50%, 90% of the haystack
     with pytest.raises(ValueError, match=f"at least {needle_room(tok)} tokens"):
         needle_prompts(tok, tokens, needle_room(tok) - 3, 1)
     full = needle_accuracy(model, tok, prompts, None)

@@ -5,6 +5,7 @@ batch-1 decode of the MoE vs dense.
     OMP_NUM_THREADS=1 python bench/bench_moe.py --configs 0:1,0:2,0:4,1:1,1:2,1:3,1:4,3:1 \\
         --train 0:4:router:300,1:4:router:300,1:3:experts:600 --json bench/results/moe.json
     python bench/bench_moe.py --decode --configs 0:4,1:3 --threads 2 --rounds 5
+    OMP_NUM_THREADS=1 python bench/bench_moe.py --proxy 0,15,29 --configs 0:4,1:3,3:1
 
 --configs lists shared:k pairs (E = --experts); one conversion per shared count, k is changed afterwards (the
 partition and router do not depend on k). For every row: perplexity training-free, with the centroid router instead
@@ -13,7 +14,8 @@ wanda row that prunes only the MLP Linears to the same density (calibration: the
 --train shared:k:router|experts:SECONDS distils the dense model into the refitted MoE for a wall-clock budget
 (KL on --train-seqlen windows of the calibration works, seed 1). --decode times greedy batch-1 generation, dense and
 MoE interleaved in one run (median of --rounds); decode speed does not depend on which neurons share an expert, so
-its conversion uses only --decode-tokens calibration tokens. Perplexity: the first --eval-windows windows of the
+its conversion uses only --decode-tokens calibration tokens. --proxy 0,15,29 only prints per-layer MLP output errors
+(per-token top neurons vs fixed experts; see proxy_rows). Perplexity: the first --eval-windows windows of the
 held-out works (the windows of docs/activation.md).
 """
 
@@ -138,6 +140,48 @@ def _train(model, base, windows, mode: str, seconds: float, args) -> dict:
     return out
 
 
+@torch.no_grad()
+def proxy_rows(base, calib, args, rows) -> None:
+    """Per-layer relative squared MLP output error on held-out calibration tokens (the last quarter of the first
+    --proxy-tokens): per-token top neurons by |a_i| ||down_i|| vs fixed experts (oracle / lstsq / centroid choice,
+    gate-weighted sum, refit). Shows where the MoE loses against per-token activation sparsity."""
+    mlps = find_gated_mlps(base)
+    fqns = [list(mlps)[int(i)] for i in args.proxy.split(",")]
+    inputs = mlp_inputs(base, calib, fqns, args.proxy_tokens)
+    for fqn in fqns:
+        mlp, x = mlps[fqn], inputs[fqn]
+        n_fit = x.shape[0] * 3 // 4
+        tmp = torch.nn.Module()
+        tmp.mlp = copy.deepcopy(mlp)
+        a = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # (N, I)
+        y = mlp.down_proj(a)  # (N, H)
+        ye = y[n_fit:]
+        rel = lambda yh: float((ye - yh).square().sum() / ye.square().sum())  # noqa: E731
+        contrib = a[n_fit:].abs() * mlp.down_proj.weight.norm(dim=0)  # (n, I)
+        for shared, k in _pairs(args.configs):
+            active = (shared + k) / args.experts
+            keep = torch.zeros_like(contrib).scatter_(1, contrib.topk(round(active * a.shape[1]), 1).indices, 1.0)
+            row = {"kind": "proxy", "fqn": fqn, "shared": shared, "top_k": k, "active": active,
+                   "neuron_oracle": rel(mlp.down_proj(a[n_fit:] * keep))}
+            moefy_(tmp, calib, MoEfyConfig(args.experts, k, shared, "lstsq", max_tokens=n_fit),
+                   include=["mlp"], inputs={"mlp": x[:n_fit]})
+            moe, xe = tmp.mlp, x[n_fit:]
+            E, _, ie = moe.down.shape
+            fe = torch.stack([moe._expert(moe.gate_up[e], moe.down[e], xe) for e in range(E)], 1)  # (n, E, H)
+            ys = moe._expert(moe.shared_gate_up, moe.shared_down, xe) if shared else torch.zeros_like(ye)
+            pick = lambda idx, w=1.0: rel(ys + (torch.zeros(xe.shape[0], E).scatter_(1, idx, w)[..., None]  # noqa: E731
+                                                * fe).sum(1))
+            top = (xe @ moe.router_weight.T + moe.router_bias).topk(k, 1)
+            row["expert_oracle"] = pick(fe.norm(dim=-1).topk(k, 1).indices)
+            row["lstsq"] = pick(top.indices)
+            row["lstsq_gate_weighted"] = pick(top.indices, torch.softmax(top.values, 1) * k)
+            row["centroid"] = pick((xe @ moe.gate_up[:, :ie].mean(1).T).topk(k, 1).indices)
+            refit_down_(tmp, {"mlp": x[:n_fit]}, args.refit or 0.3)
+            row["refit"] = rel(moe(xe))
+            tmp.mlp = copy.deepcopy(mlp)
+            _log(row, rows)
+
+
 def decode_rows(base, tok, args, rows) -> None:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     calib = data.calibration_data(tok, "shakespeare", 1, args.decode_tokens, 0)
@@ -169,6 +213,8 @@ def main() -> None:
     p.add_argument("--train-lr", type=float, default=2e-3)
     p.add_argument("--expert-lr", type=float, default=3e-5)
     p.add_argument("--decode", action="store_true", help="only the decode race (dense vs MoE per config)")
+    p.add_argument("--proxy", default="", help="only the per-layer error analysis on these block indices, e.g. 0,15,29")
+    p.add_argument("--proxy-tokens", type=int, default=8192)
     p.add_argument("--decode-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
@@ -182,6 +228,8 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} loadavg={os.getloadavg()}", flush=True)
     if args.decode:
         decode_rows(base, tok, args, rows)
+    elif args.proxy:
+        proxy_rows(base, data.calibration_data(tok, "shakespeare", args.nsamples, args.seqlen, 0), args, rows)
     else:
         calib = data.calibration_data(tok, "shakespeare", args.nsamples, args.seqlen, 0)
         windows = data.evaluation_data(tok, "shakespeare", args.seqlen, args.eval_windows)

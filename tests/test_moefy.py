@@ -177,3 +177,24 @@ def test_router_distillation_lowers_the_kl(tokens):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # only routers moved
     assert all(m.relax is None for m in model.modules() if isinstance(m, MoEMLP))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # restored
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_each_token_runs_exactly_the_dense_neurons_of_its_experts(tokens, shared):
+    """Reference: the ORIGINAL dense MLP restricted to the shared neurons + the chosen experts' neurons (plan.order)."""
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model.model.layers[1].mlp)
+    result = moefy_(model, tokens, MoEfyConfig(num_experts=4, top_k=2 - shared, shared_experts=shared))
+    moe, plan = model.model.layers[1].mlp, result.plans["model.layers.1.mlp"]
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+    s, ie = plan.shared_size, plan.expert_size
+    with torch.no_grad():
+        chosen = moe.route(x)  # (7, k)
+        ref = []
+        for t in range(7):
+            neurons = torch.cat([plan.order[:s]] + [plan.order[s + e * ie: s + (e + 1) * ie] for e in chosen[t].tolist()])
+            g, u = dense.gate_proj.weight[neurons] @ x[t], dense.up_proj.weight[neurons] @ x[t]
+            ref.append(dense.down_proj.weight[:, neurons] @ (dense.act_fn(g) * u))
+        ref = torch.stack(ref)
+        torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-6)  # many tokens: grouped by expert
+        torch.testing.assert_close(torch.cat([moe(x[t:t + 1]) for t in range(7)]), ref, rtol=1e-5, atol=1e-6)

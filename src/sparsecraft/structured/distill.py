@@ -30,7 +30,7 @@ class DistillConfig:
     tokens: int  # training budget in tokens
     seqlen: int = 256
     batch_size: int = 4
-    lr: float = 1e-4
+    lr: float = 3e-4  # AdamW peak, cosine decay; the check that chose it is in docs/structured.md
     temperature: float = 1.0
     seed: int = 0
 

@@ -103,47 +103,82 @@ def _file(path: str | Path) -> Path:
     return path / PACKED_FILE if path.is_dir() else path
 
 
+class PackedFile:
+    """An open packed checkpoint: the metadata is parsed and checked against every key of the file once, then
+    ``read(select)`` reads the selected tensors (each checked against its recorded checksum), as often as needed
+    (the HF loader reads one layer at a time). Use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = _file(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            text = (self._file.metadata() or {}).get("sparsecraft")
+            self.names = set(self._file.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ValueError(f"cannot read packed checkpoint {self.path} ({e}); the file is missing or "
+                             f"corrupt") from None
+        self.meta = self._check_meta(text)
+
+    def __enter__(self) -> PackedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None  # safe_open has no close(); dropping the handle unmaps the file
+
+    def _check_meta(self, text: str | None) -> dict[str, Any]:
+        path, names = self.path, self.names
+        if text is None:
+            raise ValueError(f"{path} is not a sparsecraft packed checkpoint (no 'sparsecraft' metadata)")
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError:
+            meta = None
+        packed, aliases = (meta.get("packed"), meta.get("aliases")) if isinstance(meta, dict) else (None, None)
+        if not (isinstance(packed, dict) and isinstance(aliases, dict)
+                and all(isinstance(v, dict) and isinstance(v.get("transposed", False), bool) for v in packed.values())
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
+            raise ValueError(f"{path}: the 'sparsecraft' metadata is malformed (needs 'packed' and 'aliases' maps); "
+                             f"the file is corrupt or was not written by sparsecraft")
+        digests = meta.get("sha256")
+        if digests is not None:  # files written since 0.2: every tensor is covered
+            missing = sorted(set(digests) - names) if isinstance(digests, dict) else ["(sha256 is not a map)"]
+            if missing:
+                raise ValueError(f"{path}: tensors {missing[:3]} have recorded checksums but are not in the file; "
+                                 f"the file is corrupt or was altered (rebuild it with `sparsecraft pack`)")
+        stray = sorted(k for k in names if "@" in k and k.split("@", 1)[0] not in packed)
+        if stray:
+            raise ValueError(f"{path}: tensors {stray[:3]} belong to no packed weight of the metadata; the file is "
+                             f"corrupt")
+        for key, target in aliases.items():
+            if key in names or key in packed or key in aliases.values():
+                raise ValueError(f"{path}: alias {key} -> {target} names a key that is itself stored; the file is "
+                                 f"corrupt")
+            if target not in names and target not in packed:
+                raise ValueError(f"{path}: alias {key} -> {target} points to no stored tensor; the file is corrupt")
+        return meta
+
+    def read(self, select: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors whose key ``select(key)`` accepts (all by default), each matched against its checksum."""
+        try:
+            raw = {k: self._file.get_tensor(k) for k in sorted(self.names) if select is None or select(k)}
+        except Exception as e:
+            raise ValueError(f"cannot read packed checkpoint {self.path} ({e}); the file is corrupt") from None
+        digests = self.meta.get("sha256")
+        if digests is not None:
+            bad = sorted(k for k in raw if digests.get(k) != tensor_digest(raw[k]))
+            if bad:
+                raise ValueError(f"{self.path}: tensors {bad[:3]} do not match the checksums recorded when the file "
+                                 f"was written; the file is corrupt or was altered (rebuild it with `sparsecraft "
+                                 f"pack`)")
+        return raw
+
+
 def read_packed_file(path: str | Path, select: Callable[[str], bool] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """-> (raw tensors, validated metadata) of a packed checkpoint file (or a folder holding one). ``select(key)``
     limits which tensors are read into memory (the metadata is still checked against every key of the file)."""
-    path = _file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("sparsecraft")
-            names = set(f.keys())
-            raw = {k: f.get_tensor(k) for k in sorted(names) if select is None or select(k)}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"cannot read packed checkpoint {path} ({e}); the file is missing or corrupt") from None
-    if text is None:
-        raise ValueError(f"{path} is not a sparsecraft packed checkpoint (no 'sparsecraft' metadata)")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError:
-        meta = None
-    packed, aliases = (meta.get("packed"), meta.get("aliases")) if isinstance(meta, dict) else (None, None)
-    if not (isinstance(packed, dict) and isinstance(aliases, dict)
-            and all(isinstance(v, dict) and isinstance(v.get("transposed", False), bool) for v in packed.values())
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())):
-        raise ValueError(f"{path}: the 'sparsecraft' metadata is malformed (needs 'packed' and 'aliases' maps); "
-                         f"the file is corrupt or was not written by sparsecraft")
-    digests = meta.get("sha256")
-    if digests is not None:  # files written since 0.2: every tensor is covered and must match
-        bad = sorted(k for k in raw if not isinstance(digests, dict) or digests.get(k) != tensor_digest(raw[k]))
-        missing = sorted(set(digests) - names) if isinstance(digests, dict) else []
-        if bad or missing:
-            raise ValueError(f"{path}: tensors {(bad or missing)[:3]} do not match the checksums recorded when the "
-                             f"file was written; the file is corrupt or was altered (rebuild it with `sparsecraft "
-                             f"pack`)")
-    stray = sorted(k for k in names if "@" in k and k.split("@", 1)[0] not in packed)
-    if stray:
-        raise ValueError(f"{path}: tensors {stray[:3]} belong to no packed weight of the metadata; the file is corrupt")
-    for key, target in aliases.items():
-        if key in names or key in packed or key in aliases.values():
-            raise ValueError(f"{path}: alias {key} -> {target} names a key that is itself stored; the file is corrupt")
-        if target not in names and target not in packed:
-            raise ValueError(f"{path}: alias {key} -> {target} points to no stored tensor; the file is corrupt")
-    return raw, meta
+    with PackedFile(path) as f:
+        return f.read(select), f.meta
 
 
 def packed_parts(raw: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:

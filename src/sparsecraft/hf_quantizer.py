@@ -47,7 +47,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from sparsecraft import formats
-from sparsecraft.checkpoint import check_bias, packed_parts, packed_tensors, read_packed_file
+from sparsecraft.checkpoint import PackedFile, check_bias, packed_parts, packed_tensors, read_packed_file
 from sparsecraft.io import atomic_write_text
 from sparsecraft.modules import SparseLinear, swap_module_
 
@@ -135,9 +135,12 @@ class SparsecraftHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         dtype = _model_dtype(model)
+        files: dict[Path, PackedFile] = {}  # each file opened and its metadata checked once
         for fqn in sorted(self.pending):  # one layer at a time: read, checked, converted, its packed tensors dropped
             layer = self.pending.pop(fqn)
-            packed, bias = load_pending(layer)
+            if layer.path not in files:
+                files[layer.path] = PackedFile(layer.path)
+            packed, bias = load_pending(layer, files[layer.path])
             packed = _cast(packed, dtype)
             if not layer.linear:  # a packed GPT-2 Conv1D weight: its dense parameter back
                 param = model.get_submodule(fqn).weight
@@ -198,10 +201,11 @@ def read_pending(model: nn.Module, path: Path, listed: set[str]) -> dict[str, Pe
     return pending
 
 
-def load_pending(layer: PendingLayer) -> tuple[formats.AnyPacked, torch.Tensor | None]:
-    """One layer's packed tensors read (checksums verified) and validated against its shape -> (packed, bias)."""
+def load_pending(layer: PendingLayer, file: PackedFile) -> tuple[formats.AnyPacked, torch.Tensor | None]:
+    """One layer's packed tensors read from the open ``file`` (checksums verified) and validated against its
+    shape -> (packed, bias)."""
     fqn, path = layer.fqn, layer.path
-    raw, _ = read_packed_file(path, select=lambda k: k.startswith(f"{fqn}.weight@") or k == f"{fqn}.bias")
+    raw = file.read(lambda k: k.startswith(f"{fqn}.weight@") or k == f"{fqn}.bias")
     packed = formats.from_tensors(packed_parts(raw, f"{fqn}.weight"), f"{path.name}: {fqn}.weight", layer.shape)
     bias = raw.get(f"{fqn}.bias") if layer.linear else None
     if layer.linear:

@@ -128,6 +128,12 @@ def _ninja_on_path() -> None:
         pass
 
 
+def compile_flags(isa: str) -> list[str]:
+    """The compiler flags of ``isa``'s build on this CPU. AVX-512 expands read memory directly except on AMD,
+    where the memory form of vexpandps is microcoded (csrc/sparse_cpu.cpp, ``expand16``)."""
+    return FLAGS[isa] + (["-DSPARSECRAFT_EXPAND_FROM_MEMORY"] if isa == "avx512" and not _amd() else [])
+
+
 def build_extension(prefix: str, source: Path, what: str, isa: str = "avx2") -> ModuleType | None:
     """Compile (or load the cached build of) one C++ source for ``isa``; None, with one warning naming ``what``,
     when the CPU cannot run it or the build fails. The module name carries a hash of the source, the shared headers
@@ -135,7 +141,7 @@ def build_extension(prefix: str, source: Path, what: str, isa: str = "avx2") -> 
     if isa not in FLAGS or not _cpu_runs(isa):
         warnings.warn(f"sparsecraft: this CPU cannot run {isa} code; {what} use the slow plain-torch reference")
         return None
-    flags = FLAGS[isa]
+    flags = compile_flags(isa)
     headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # csrc/*.h are shared
     digest = hashlib.sha1(source.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:10]
     suffix = "" if isa == "avx2" else f"_{isa}"

@@ -44,15 +44,25 @@ inline float hsum(__m256 v) {
 
 #ifdef SPARSECRAFT_AVX512
 // 16 mask bits + the packed values -> a dense 16-lane fp32 vector; reads exactly popcount(m16) values.
-// A masked load of the popcount(m16) values (fault-suppressed, so no over-read) and the register form of
-// vexpandps: the memory form (`_mm512_maskz_expandloadu_ps`) is microcoded on AMD Zen 4/5 and measured 1.8x
-// slower than this pair on this machine (docs/kernels.md); on Intel the two forms cost about the same.
+// Two forms, chosen at build time (kernels/build.py): the memory form of vexpandps (`_mm512_maskz_expandloadu_ps`,
+// SPARSECRAFT_EXPAND_FROM_MEMORY, Intel), measured 1.1-1.4x faster than the pair below at batch 1 on a Sapphire
+// Rapids-class Xeon (bench/probe_expand.py, docs/kernels.md); and a masked load of the popcount(m16) values
+// (fault-suppressed, so no over-read) + the register form, for AMD Zen 4/5, where the memory form is microcoded
+// and measured 1.8x slower than this pair.
 inline __mmask16 first_n(unsigned m16) { return (__mmask16)_bzhi_u32(0xffffu, (unsigned)__builtin_popcount(m16)); }
 inline __m512 expand16(const float* v, unsigned m16) {
+#ifdef SPARSECRAFT_EXPAND_FROM_MEMORY
+  return _mm512_maskz_expandloadu_ps((__mmask16)m16, v);
+#else
   return _mm512_maskz_expand_ps((__mmask16)m16, _mm512_maskz_loadu_ps(first_n(m16), v));
+#endif
 }
 inline __m256i expand16_bf16(const uint16_t* v, unsigned m16) {
+#ifdef SPARSECRAFT_EXPAND_FROM_MEMORY
+  return _mm256_maskz_expandloadu_epi16((__mmask16)m16, v);
+#else
   return _mm256_maskz_expand_epi16((__mmask16)m16, _mm256_maskz_loadu_epi16(first_n(m16), v));
+#endif
 }
 inline __m512 expand16(const uint16_t* v, unsigned m16) {  // bf16 is the high half of an fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(expand16_bf16(v, m16)), 16));
@@ -139,10 +149,64 @@ void bitmask_rows(const uint64_t* mask, int64_t words, uint64_t tail, const V* v
   }
 }
 
+#ifdef SPARSECRAFT_AVX512
+// One 64-column mask word of one row times x: four expands into two accumulators; returns the values consumed.
+template <typename V>
+inline int64_t word_fma(const V* v, uint64_t m, const __m512* xw, __m512& a0, __m512& a1) {
+  a0 = _mm512_fmadd_ps(expand16(v, (unsigned)m & 0xffffu), xw[0], a0);
+  a1 = _mm512_fmadd_ps(expand16(v + __builtin_popcountll(m & 0xffffull), (unsigned)(m >> 16) & 0xffffu), xw[1], a1);
+  a0 = _mm512_fmadd_ps(expand16(v + __builtin_popcountll(m & 0xffffffffull), (unsigned)(m >> 32) & 0xffffu), xw[2],
+                       a0);
+  a1 = _mm512_fmadd_ps(expand16(v + __builtin_popcountll(m & 0xffffffffffffull), (unsigned)(m >> 48)), xw[3], a1);
+  return __builtin_popcountll(m);
+}
+
+// Batch 1 (the decode case), AVX-512: two rows per step, so two independent value streams are in flight (the
+// expand-loads of one row wait on its running value offset), each x vector is loaded once for both rows, and a
+// software prefetch runs 512 bytes ahead in each stream. Measured at batch 1 streamed from memory, one thread
+// (bench/probe_expand.py, docs/kernels.md): 1.17x -> 1.58x dense at 50% fp32, 1.51x -> 2.27x at 70%, 0.86x ->
+// 1.61x at 50% bf16.
+// The mask check runs after each row instead of before it (no second pass over the mask): a wrong mask can only
+// make a row read values of the rows after it, never past the buffer, as long as its row can hold words * 64
+// values before the end (``nvals``); the last rows, which cannot, are checked first by bitmask_rows. A row that
+// fails the check is reported through ``bad`` (the call then raises, its output discarded).
+template <typename V>
+void bitmask_rows_pairs(const uint64_t* mask, int64_t words, uint64_t tail, const V* vals, int64_t nvals,
+                        const int64_t* row_ptr, const float* x, float* out, int64_t r0, int64_t r1, BadRow& bad) {
+  constexpr int64_t PREFETCH = 512 / sizeof(V);  // values ahead
+  int64_t o = r0;
+  for (; o + 2 <= r1 && row_ptr[o + 1] + words * 64 <= nvals; o += 2) {
+    const uint64_t* ma = mask + o * words;
+    const uint64_t* mb = ma + words;
+    const V* va = vals + row_ptr[o];
+    const V* vb = vals + row_ptr[o + 1];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int64_t w = 0; w < words; ++w) {
+      _mm_prefetch((const char*)(va + PREFETCH), _MM_HINT_T0);  // never faults, even past the buffer
+      _mm_prefetch((const char*)(vb + PREFETCH), _MM_HINT_T0);
+      const float* xp = x + 64 * w;
+      const __m512 xw[4] = {_mm512_loadu_ps(xp), _mm512_loadu_ps(xp + 16), _mm512_loadu_ps(xp + 32),
+                            _mm512_loadu_ps(xp + 48)};
+      va += word_fma(va, ma[w], xw, a0, a1);
+      vb += word_fma(vb, mb[w], xw, b0, b1);
+    }
+    if ((words > 0 && ((ma[words - 1] | mb[words - 1]) & ~tail) != 0) || va != vals + row_ptr[o + 1] ||
+        vb != vals + row_ptr[o + 2]) {
+      bitmask_rows<V, 1, false>(mask, words, tail, vals, row_ptr, x, out, 0, o, o + 2, bad);  // notes the row
+      continue;
+    }
+    out[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    out[o + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+  }
+  if (o < r1) bitmask_rows<V, 1, false>(mask, words, tail, vals, row_ptr, x, out, 0, o, r1, bad);
+}
+#endif
+
 struct BitmaskArgs {
   const uint64_t* mask;
   int64_t words;
   uint64_t tail;
+  int64_t nvals;  // values.numel(), padding included
   const int64_t* row_ptr;
   float* out;
   int64_t rows;
@@ -153,7 +217,12 @@ void bitmask_dispatch(int64_t B, const BitmaskArgs& a, const V* vals, const floa
                       int64_t r1, BadRow& bad) {
 #define SPARSECRAFT_ROWS(n) bitmask_rows<V, n, SKIP>(a.mask, a.words, a.tail, vals, a.row_ptr, x, out, a.rows, r0, r1, bad)
   switch (B) {
-    case 1: return SPARSECRAFT_ROWS(1);
+    case 1:
+#ifdef SPARSECRAFT_AVX512
+      if constexpr (!SKIP)
+        return bitmask_rows_pairs<V>(a.mask, a.words, a.tail, vals, a.nvals, a.row_ptr, x, out, r0, r1, bad);
+#endif
+      return SPARSECRAFT_ROWS(1);
     case 2: return SPARSECRAFT_ROWS(2);
     case 3: return SPARSECRAFT_ROWS(3);
     case 4: return SPARSECRAFT_ROWS(4);
@@ -329,7 +398,8 @@ torch::Tensor bitmask_linear(torch::Tensor mask, torch::Tensor values, torch::Te
   check_bias(bias, rows);
   const auto xp = padded_f32(x2, words * 64);
   auto out = torch::zeros({B, rows}, x.options().dtype(torch::kFloat));
-  const BitmaskArgs a{(const uint64_t*)mask.data_ptr<int64_t>(), words, tail_bits(cols), row_ptr.data_ptr<int64_t>(),
+  const BitmaskArgs a{(const uint64_t*)mask.data_ptr<int64_t>(), words, tail_bits(cols), values.numel(),
+                      row_ptr.data_ptr<int64_t>(),
                       out.data_ptr<float>(), rows};
   const bool bf16 = values.scalar_type() == torch::kBFloat16;
   const void* pv = values.data_ptr();

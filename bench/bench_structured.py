@@ -10,6 +10,9 @@
     .venv/bin/python bench/bench_structured.py --part speed --threads 2
     # the decision table: shrink vs wanda unstructured / 2:4 run with the packed kernels, same decode race
     .venv/bin/python bench/bench_structured.py --part decide --threads 2
+    # the sweep plot from several sweep jsons (merged) with distilled models as stars; loads no model
+    .venv/bin/python bench/bench_structured.py --part plot-sweep --out runs/s1.json,runs/s2.json \
+        --distilled runs/a.json --plot docs/img/structured_ppl_vs_params.png
     # the decision plot from the decide json (--out) and the distill jsons; loads no model
     .venv/bin/python bench/bench_structured.py --part plot-decide --out runs/structured_decide.json \
         --distilled runs/a.json,runs/b.json --plot docs/img/structured_decision.png
@@ -83,7 +86,7 @@ def part_sweep(args, dense, calib, ev, out: dict, save) -> None:
         plot_sweep(out, Path(args.plot))
 
 
-def plot_sweep(out: dict, path: Path) -> None:
+def plot_sweep(out: dict, path: Path, distilled: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,6 +98,8 @@ def plot_sweep(out: dict, path: Path) -> None:
         style = "--" if "magnitude" in label else "o-"
         ax.plot([1.0, *[k for k, _ in rows]][::-1], [out["dense_ppl"], *[p for _, p in rows]][::-1], style,
                 label=label, markersize=4)
+    for d in distilled:  # the same model after distillation, at its size
+        ax.plot([d["kept"]], [d["after"]], "*", markersize=11, label=f"{d['label']} + distill {d['tokens']:,} tokens")
     ax.axhline(out["dense_ppl"], color="grey", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of parameters kept")
@@ -178,10 +183,10 @@ def memory_child() -> None:
 
 def part_speed(args, dense, calib, prompt, out: dict, save) -> None:
     models = {"dense": (dense, {"kept": 1.0})}
-    for label in (args.only.split(",") if args.only else SPEED):
-        for f in [float(x) for x in args.fractions.split(",")]:
-            _, method, rot = parse_label(label)  # weights do not change speed: magnitude picks the same shapes fast
-            try:
+    for item in (args.only.split(",") if args.only else SPEED):
+        label, _, at = item.partition("@")  # "heads@0.87": this label at this fraction only
+        for f in [float(at)] if at else [float(x) for x in args.fractions.split(",")]:
+            try:  # weights do not change speed: magnitude picks the same shapes without calibration
                 models[f"{label} {f:g}"] = shrunk(dense, calib, label.split()[0] + " magnitude", f)
             except ValueError as e:
                 print(f"skip {label} {f}: {e}", flush=True)
@@ -265,14 +270,15 @@ def plot_decide(out: dict, distilled: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["sweep", "compare", "distill", "speed", "decide", "plot-decide",
+    ap.add_argument("--part", choices=["sweep", "compare", "distill", "speed", "decide", "plot-sweep", "plot-decide",
                                        "memory-child"],
                     default="sweep")
     ap.add_argument("--fractions", default="0.9,0.75,0.6,0.5")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")
     ap.add_argument("--eval", type=int, default=4, help="evaluation windows")
     ap.add_argument("--seqlen", type=int, default=128)
-    ap.add_argument("--only", default="", help="comma list of run labels (default: the part's list)")
+    ap.add_argument("--only", default="", help="comma list of run labels (default: the part's list); speed: "
+                    "label@fraction times one size only")
     ap.add_argument("--plot", default="", help="sweep: write perplexity vs parameters kept here")
     ap.add_argument("--distilled", default="", help="plot-decide: comma list of --part distill jsons to draw")
     ap.add_argument("--label", default="mlp", help="distill / decide: the shrink run")
@@ -296,6 +302,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.part == "memory-child":
         return memory_child()
+    if args.part == "plot-sweep":  # no model: sweep jsons (--out, comma list, merged) -> the sweep plot
+        runs = [json.loads(Path(f).read_text()) for f in args.out.split(",")]
+        done = [json.loads(Path(f).read_text())["distill"] for f in args.distilled.split(",") if f]
+        return plot_sweep({**runs[0], "runs": [r for x in runs for r in x["runs"]]}, Path(args.plot), done)
     if args.part == "plot-decide":  # no model: the decide json + distill jsons -> the decision plot
         done = [json.loads(Path(f).read_text())["distill"] for f in args.distilled.split(",") if f]
         return plot_decide(json.loads(Path(args.out).read_text()), done, Path(args.plot))

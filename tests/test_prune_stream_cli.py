@@ -181,3 +181,40 @@ def test_eval_streams_a_safetensors_folder_with_the_in_memory_number(assets, str
     assert main(argv) == 0
     assert capsys.readouterr().out == whole
     assert whole.startswith(f"perplexity {report_of(streamed)['perplexity']['sparse']:.3f} on 3 windows")
+
+
+def test_a_hub_id_streams_from_its_downloaded_snapshot(assets, streamed, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from sparsecraft import models
+
+    calls = []
+
+    def download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(assets["model"])  # what the hub cache would hold after the download
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setattr(prune_command, "load_model", lambda *a, **k: pytest.fail("the whole model was loaded"))
+    argv = args(assets, tmp_path / "hub", "--method", "sparsegpt")
+    argv[argv.index("--model") + 1] = "someorg/tiny-llama"
+    assert main(argv) == 0
+    assert calls == [("someorg/tiny-llama", models.HUB_FILES)]
+    assert report_of(tmp_path / "hub")["streaming"]["used"] is True
+    assert_same_outputs(streamed, tmp_path / "hub")
+    # `eval` streams a hub id the same way: the same perplexity as the local folder
+    text = str(assets["text"])
+    capsys.readouterr()
+    assert main(["eval", "someorg/tiny-llama", "--eval", text, "--eval-windows", "2", "--seqlen", "32"]) == 0
+    assert main(["eval", str(assets["model"]), "--eval", text, "--eval-windows", "2", "--seqlen", "32"]) == 0
+    hub_line, local_line = [ln for ln in capsys.readouterr().out.splitlines() if " windows of " in ln]
+    assert hub_line == local_line
+    # a failed download is a clear error before anything is written
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    argv[argv.index("--output") + 1] = str(tmp_path / "never")
+    assert main(argv) == 2
+    assert "could not download someorg/tiny-llama" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists() and not (tmp_path / ".never.partial").exists()

@@ -85,6 +85,26 @@ def resolve_model(spec: str | None) -> tuple[str, str | None]:
     return spec, None
 
 
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]  # what a streamed prune reads
+
+
+def hub_snapshot(spec: str | None) -> Path | None:
+    """A hub id's config, tokenizer and safetensors files, downloaded (or found in the cache) -> the local snapshot
+    folder, so that the streamed prune reads it like a local checkpoint; None when ``spec`` is not a hub id or the
+    repo has no safetensors weights (the whole-model loader takes those)."""
+    directory, gguf = resolve_model(spec)
+    if gguf is not None or Path(directory).exists():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(directory, allow_patterns=HUB_FILES))
+    except Exception as e:  # network, authentication, a wrong id: the hub's own exception types
+        raise ValueError(f"could not download {spec} from the Hugging Face hub ({str(e).splitlines()[0][:200]}); "
+                         f"check the id and your connection, or pass a local checkpoint folder") from None
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
 def load_model(spec: str | None = None, dtype: torch.dtype | str | None = torch.float32, device: str = "cpu"):
     """-> (model in eval mode, tokenizer). ``dtype`` "auto"/None keeps the checkpoint's float type (a .gguf file
     becomes bfloat16); gguf weights are dequantized to the dtype."""

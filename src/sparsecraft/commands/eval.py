@@ -10,7 +10,7 @@ from sparsecraft import data, evaluate, lmeval
 from sparsecraft.commands.options import add_config_arguments, config_from_args
 from sparsecraft.commands.prune_streamed import eval_streamed, folder_reason
 from sparsecraft.config import EvalConfig
-from sparsecraft.models import check_seqlen, load_model
+from sparsecraft.models import check_seqlen, hub_snapshot, load_model
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     manager = lmeval.check_tasks(cfg.tasks, cfg.task_path) if cfg.tasks else None  # before the model loads
     text = data.source_text(None if cfg.eval_dataset else cfg.eval, cfg.eval_dataset, "eval") \
         if cfg.eval_windows else None
-    if text is not None and not cfg.tasks and not args.no_stream and folder_reason(cfg.model) is None:
-        ppl, n = eval_streamed(cfg.model, text, cfg.seqlen, cfg.eval_windows, cfg.batch_size, cfg.device, cfg.dtype,
-                               args.progress)  # a local safetensors folder: one block in memory at a time
+    streams = text is not None and not cfg.tasks and not args.no_stream
+    spec = str((hub_snapshot(cfg.model) if streams else None) or cfg.model)  # a hub id: its downloaded snapshot
+    if streams and folder_reason(spec) is None:  # a local safetensors folder: one block in memory at a time
+        ppl, n = eval_streamed(spec, text, cfg.seqlen, cfg.eval_windows, cfg.batch_size, cfg.device, cfg.dtype,
+                               args.progress)
         print(f"perplexity {ppl:.3f} on {n} windows of {cfg.seqlen} tokens of {cfg.eval_dataset or cfg.eval}")
         return 0
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)

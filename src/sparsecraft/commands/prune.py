@@ -22,7 +22,7 @@ from sparsecraft import data, evaluate, lmeval, report
 from sparsecraft.api import plan_prune, prune
 from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.commands.options import add_config_arguments, add_output_arguments, config_from_args
-from sparsecraft.commands.prune_streamed import layer_sparsity_of, run_streamed, use_streaming
+from sparsecraft.commands.prune_streamed import layer_sparsity_of, run_streamed, use_streaming, with_local_model
 from sparsecraft.config import RunConfig, read_settings
 from sparsecraft.engine.reconstruct import block_reconstruction_hook
 from sparsecraft.engine.resume import ResumeState, content_fingerprint, text_digest
@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     eval_text = data.source_text(None if cfg.eval_dataset else cfg.eval, cfg.eval_dataset, "eval") \
         if cfg.eval_windows else None  # first: a bad path fails before the model loads
     tasks = lmeval.check_tasks(cfg.tasks, cfg.task_path) if cfg.tasks else None  # lm-eval tasks too
-    # a local safetensors folder is pruned one block in memory at a time (commands/prune_streamed.py)
-    if use_streaming(cfg, args.no_stream, "--tasks (lm-eval) needs the whole model" if tasks else None):
+    # a local or downloaded safetensors folder is pruned one block in memory at a time (commands/prune_streamed.py)
+    whole = "--tasks (lm-eval) needs the whole model" if tasks else None
+    cfg = with_local_model(cfg, args.no_stream, whole)
+    if use_streaming(cfg, args.no_stream, whole):
         return run_streamed(args, cfg, out, work, calib_text, eval_text, t_start)
     model, tok = load_model(cfg.model, cfg.dtype, cfg.device)
     check_seqlen(model, cfg.seqlen)

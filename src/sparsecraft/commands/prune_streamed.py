@@ -18,6 +18,7 @@ the dense perplexity as extras) and ``hf/``: the streamed checkpoint (while prun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from sparsecraft.engine.stream import INDEX, MASKS, SINGLE, MasksOnDisk, build_s
 from sparsecraft.hf_quantizer import complete_packed_folder
 from sparsecraft.io import StagedOutput, atomic_write_text
 from sparsecraft.memory import PeakMemory
-from sparsecraft.models import check_seqlen, parse_dtype, resolve_device
+from sparsecraft.models import check_seqlen, hub_snapshot, parse_dtype, resolve_device
 from sparsecraft.moe.prune import is_moe
 
 log = logging.getLogger("sparsecraft")
@@ -57,6 +58,22 @@ SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F
 def stream_reason(cfg: RunConfig, no_stream: bool, whole_model: str | None = None) -> str | None:
     """None when ``cfg.model`` is pruned streamed; else why the whole model is loaded instead (``whole_model``: the
     caller's own reason, e.g. lm-eval tasks)."""
+    return settings_reason(cfg, no_stream, whole_model) or folder_reason(cfg.model)
+
+
+def with_local_model(cfg: RunConfig, no_stream: bool, whole_model: str | None = None) -> RunConfig:
+    """``cfg`` with a hub id replaced by its downloaded safetensors snapshot when the settings allow streaming (a
+    downloaded checkpoint streams like a local one); unchanged otherwise."""
+    if settings_reason(cfg, no_stream, whole_model) is None:
+        snapshot = hub_snapshot(cfg.model)
+        if snapshot is not None:
+            log.info("streaming %s from its downloaded snapshot %s", cfg.model, snapshot)
+            return dataclasses.replace(cfg, model=str(snapshot))
+    return cfg
+
+
+def settings_reason(cfg: RunConfig, no_stream: bool, whole_model: str | None = None) -> str | None:
+    """None when the settings allow a streamed prune; else why not."""
     if no_stream:
         return "--no-stream was given"
     if whole_model:
@@ -65,7 +82,7 @@ def stream_reason(cfg: RunConfig, no_stream: bool, whole_model: str | None = Non
         return f"allocation {cfg.allocation!r} needs the weights of every block at once"
     if cfg.reconstruct_steps > 0:
         return "--reconstruct-steps is not streamed yet"
-    return folder_reason(cfg.model)
+    return None
 
 
 def folder_reason(spec: str) -> str | None:

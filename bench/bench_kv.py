@@ -1,13 +1,19 @@
 """KV-cache presses and block-sparse prefill on SmolLM2-135M, every ratio against the full cache in the same run.
 
-    python bench/bench_kv.py --contexts 2048 --budgets 0.1,0.25,0.5 --samples 1 --needles 2 --decode-steps 8
+    python bench/bench_kv.py --contexts 2048,4096,8192 --budgets 0.1,0.25,0.5 --samples 1 --needles 4 --kvpress
 
 Per context: long-text perplexity (``--chunk`` held-out tokens scored after the context, at ``--samples`` offsets of
-the default corpus' held-out works), needle retrieval (``--needles`` prompts, needle depth 10-90%), cache bytes after
+the default corpus' held-out works), passkey retrieval (``--needles`` prompts, key depth 10-90%), cache bytes after
 the prompt + ``--decode-steps`` greedy steps and decode tokens/s, for the full cache and each method x budget. Each
 prompt's prefill runs once and every press compresses a copy of it (sparsecraft.attention.evaluate.cache_after; a
-test shows it equals pressing inside the model). Then, at the longest context: prefill seconds of block-sparse vs
-dense attention and the perplexity of the chunk after a block-sparse prefill.
+test shows it equals pressing inside the model); prompts are taken one at a time (an 8k prefill with its queries
+holds about 1 GB).
+
+``--kvpress``: NVIDIA's kvpress on the same prompts, in its own venv (``--kvpress-venv``, made on first use: kvpress
+pins transformers < 5.3; never a dependency of sparsecraft), through bench/kvpress_runner.py; its rows join the table.
+
+At each of ``--block-contexts``: prefill seconds of block-sparse vs dense attention for every ``--block-settings``
+(block:density), the share of the dense prefill spent in attention, and the perplexity of the chunk after each.
 """
 
 from __future__ import annotations
@@ -15,8 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -24,7 +34,9 @@ from transformers.cache_utils import DynamicCache
 from sparsecraft import data
 from sparsecraft.attention import KVConfig, block_sparse, compress
 from sparsecraft.attention.evaluate import Prefill, cache_after, cache_bytes, needle_prompts, prefill
-from sparsecraft.models import load_model
+from sparsecraft.models import load_model, resolve_model
+
+HERE = Path(__file__).resolve().parent
 
 
 @torch.no_grad()
@@ -48,41 +60,98 @@ def greedy(model, pre: Prefill, kv, steps: int) -> tuple[list[int], float, int]:
     return out, (steps - 1) / (time.perf_counter() - t0), cache_bytes(cache)
 
 
-def evaluate(model, tok, ppl_runs, needle_runs, cfg: KVConfig | None, decode_steps: int) -> dict:
-    with (compress(model, **cfg.to_dict()) if cfg else nullcontext()) as kv:
-        nll = sum(chunk_nll(model, pre, cont, kv) for _, pre, cont in ppl_runs)
-        hits = sum(answer in tok.decode(greedy(model, pre, kv, 6)[0]) for pre, answer in needle_runs)
-        _, speed, nbytes = greedy(model, ppl_runs[0][1], kv, decode_steps + 1)
-    n_tokens = sum(c.numel() for _, _, c in ppl_runs)
-    return {"method": cfg.method if cfg else "full", "budget": cfg.budget if cfg else 1.0,
-            "perplexity": math.exp(nll / n_tokens), "needle": hits / max(1, len(needle_runs)),
-            "cache_bytes": nbytes, "decode_tok_s": speed}
+def measure(model, tok, ctx: int, ppl_texts, needles, configs: list, decode_steps: int) -> tuple[list, list]:
+    """Every config (None = full cache) on every prompt, one prefill per prompt -> (rows, dense prefills' seconds
+    and attention seconds of the perplexity texts)."""
+    acc = [{"nll": 0.0, "hits": 0} for _ in configs]
+    times = []
+    for j, (ids, cont) in enumerate(ppl_texts):
+        pre = prefill(model, ids)
+        times.append((pre.seconds, pre.attention_seconds))
+        for a, cfg in zip(acc, configs):
+            with (compress(model, **cfg.to_dict()) if cfg else nullcontext()) as kv:
+                a["nll"] += chunk_nll(model, pre, cont, kv)
+                if j == 0:
+                    _, a["decode_tok_s"], a["cache_bytes"] = greedy(model, pre, kv, decode_steps + 1)
+        del pre
+    for ids, answer in needles:
+        pre = prefill(model, ids)
+        for a, cfg in zip(acc, configs):
+            with (compress(model, **cfg.to_dict()) if cfg else nullcontext()) as kv:
+                a["hits"] += answer in tok.decode(greedy(model, pre, kv, 6)[0])
+        del pre
+    scored = sum(c.numel() for _, c in ppl_texts)
+    rows = [{"context": ctx, "method": cfg.method if cfg else "full", "budget": cfg.budget if cfg else 1.0,
+             "perplexity": math.exp(a["nll"] / scored), "needle": a["hits"] / max(1, len(needles)),
+             "cache_bytes": a["cache_bytes"], "decode_tok_s": a["decode_tok_s"]} for a, cfg in zip(acc, configs)]
+    return rows, times
+
+
+def kvpress_venv(venv: Path) -> Path:
+    """kvpress's own venv (made once): the local CPU torch wheel pinned first, so nothing pulls a CUDA torch."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"making kvpress venv {venv}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run(pip + ["torch==2.13.0"], check=True)
+        subprocess.run(pip + ["torch==2.13.0", "kvpress==0.5.5", "transformers>=4.56,<5.3", "gguf"], check=True)
+    return python
+
+
+def kvpress_rows(args, ctx: int, ppl_texts, needles) -> list[dict]:
+    python = kvpress_venv(Path(args.kvpress_venv))
+    where, gguf = resolve_model(None)
+    work = Path(args.kvpress_venv).parent
+    inputs, out = work / f"kvpress_inputs_{ctx}.pt", work / f"kvpress_rows_{ctx}.json"
+    torch.save({"model_dir": where, "gguf_file": gguf, "ppl": ppl_texts, "needles": needles}, inputs)
+    cmd = [str(python), str(HERE / "kvpress_runner.py"), "--inputs", str(inputs), "--out", str(out),
+           "--presses", args.kvpress_presses, "--budgets", args.budgets, "--decode-steps", str(args.decode_steps),
+           "--threads", str(args.threads)]
+    if args.kvpress_check:
+        cmd += ["--check", str(args.kvpress_check)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(cmd, check=True, env=env)
+    return [{"context": ctx, **r} for r in json.loads(out.read_text())["rows"]]
 
 
 def show(row: dict, full: dict) -> str:
     ppl, mib, speed = row["perplexity"], row["cache_bytes"] / 2 ** 20, row["decode_tok_s"]
-    return (f"{row['method']:>9} {row['budget']:>6.2f} {ppl:>10.3f} {ppl / full['perplexity']:>8.4f} "
+    return (f"{row['method']:>20} {row['budget']:>6.2f} {ppl:>10.3f} {ppl / full['perplexity']:>8.4f} "
             f"{row['needle']:>6.2f} {mib:>9.2f} {row['cache_bytes'] / full['cache_bytes']:>7.3f} "
             f"{speed:>8.2f} {speed / full['decode_tok_s']:>7.2f}")
 
 
 @torch.no_grad()
-def block_sparse_prefill(model, ppl_runs, dense_seconds: float, dense_ppl: float, block: int, density: float) -> dict:
-    nll, seconds = 0.0, []
-    with block_sparse(model, block=block, density=density, min_tokens=1024):
-        for ids, _, cont in ppl_runs:
-            cache = DynamicCache(config=model.config)
-            t0 = time.perf_counter()
-            first = model(ids[None], cache=cache, use_cache=True).logits[0, -1:]  # block-sparse: no mask, long
-            seconds.append(time.perf_counter() - t0)
-            rest = model(cont[None, :-1], cache=cache, use_cache=True).logits[0]  # dense: the mask is not None
-            logp = torch.log_softmax(torch.cat([first, rest]).float(), dim=-1)
-            nll += float(-logp.gather(1, cont[:, None]).sum())
-    ppl = math.exp(nll / sum(c.numel() for _, _, c in ppl_runs))
-    s = sum(seconds) / len(seconds)
-    return {"block": block, "density": density, "dense_prefill_s": dense_seconds, "sparse_prefill_s": s,
-            "speedup": dense_seconds / s, "dense_perplexity": dense_ppl, "sparse_perplexity": ppl,
-            "perplexity_ratio": ppl / dense_ppl}
+def timed_nll(model, ids: torch.Tensor, cont: torch.Tensor) -> tuple[float, float]:
+    """(prefill seconds, summed NLL of ``cont`` after ``ids``); under block_sparse the prompt pass (no mask, long)
+    is block-sparse and the continuation (mask not None) dense."""
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    first = model(ids[None], cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1:]
+    seconds = time.perf_counter() - t0
+    rest = model(cont[None, :-1], cache=cache, use_cache=True).logits[0]
+    logp = torch.log_softmax(torch.cat([first, rest]).float(), dim=-1)
+    return seconds, float(-logp.gather(1, cont[:, None]).sum())
+
+
+def block_sparse_rows(model, ctx: int, ppl_texts, times, settings: list[tuple[int, float]]) -> list[dict]:
+    """Block-sparse prefill vs dense on the first perplexity text: dense timed twice (the capture prefill and a plain
+    pass right after the sparse ones; the faster counts), attention's share of the dense prefill."""
+    ids, cont = ppl_texts[0]
+    rows = []
+    for block, density in settings:
+        with block_sparse(model, block=block, density=density, min_tokens=1024):
+            seconds, nll = timed_nll(model, ids, cont)
+        rows.append({"context": ctx, "block": block, "density": density, "sparse_prefill_s": seconds,
+                     "sparse_perplexity": math.exp(nll / cont.numel())})
+    dense_s, dense_nll = timed_nll(model, ids, cont)
+    dense_s = min(dense_s, times[0][0])
+    for r in rows:
+        r.update(dense_prefill_s=dense_s, speedup=dense_s / r["sparse_prefill_s"],
+                 dense_perplexity=math.exp(dense_nll / cont.numel()), attention_share=times[0][1] / times[0][0])
+        r["perplexity_ratio"] = r["sparse_perplexity"] / r["dense_perplexity"]
+    return rows
 
 
 def main() -> None:
@@ -92,53 +161,54 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.1,0.25,0.5")
     ap.add_argument("--samples", type=int, default=1, help="perplexity offsets per context")
     ap.add_argument("--chunk", type=int, default=128, help="tokens scored after the context")
-    ap.add_argument("--needles", type=int, default=2)
+    ap.add_argument("--needles", type=int, default=4, help="passkey prompts per context")
     ap.add_argument("--decode-steps", type=int, default=8)
-    ap.add_argument("--block", type=int, default=64, help="block-sparse prefill: tokens per block")
-    ap.add_argument("--block-density", type=float, default=0.1, help="block-sparse prefill: key blocks kept")
+    ap.add_argument("--block-contexts", default="", help="contexts timed for block-sparse prefill (default: longest)")
+    ap.add_argument("--block-settings", default="64:0.1", help="block-sparse prefill: block:density,...")
+    ap.add_argument("--kvpress", action="store_true", help="also run NVIDIA kvpress's presses (own venv)")
+    ap.add_argument("--kvpress-presses", default="streaming,snapkv,knorm,tova,expected")
+    ap.add_argument("--kvpress-venv", default=str(HERE / "results" / ".venv-kvpress"))
+    ap.add_argument("--kvpress-check", type=int, default=0, help="runner --check tokens (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     model, tok = load_model("default")
     tokens = data.tokenize(tok, data.read_text("shakespeare", "eval"))
     budgets = [float(b) for b in args.budgets.split(",")]
-    results: dict = {"rows": [], "block_sparse": None, "settings": vars(args)}
     contexts = [int(c) for c in args.contexts.split(",")]
+    block_contexts = [int(c) for c in args.block_contexts.split(",")] if args.block_contexts else [max(contexts)]
+    settings = [(int(b), float(d)) for b, d in (x.split(":") for x in args.block_settings.split(","))]
+    configs = [None] + [KVConfig(method=m, budget=b) for m in args.methods.split(",") for b in budgets]
+    results: dict = {"rows": [], "block_sparse": [], "settings": vars(args)}
     for ctx in contexts:
         starts = torch.linspace(0, tokens.numel() - ctx - args.chunk, args.samples).long().tolist()
-        ppl_runs = []
-        for s in starts:
-            ids = tokens[s:s + ctx]
-            ppl_runs.append((ids, prefill(model, ids), tokens[s + ctx:s + ctx + args.chunk]))
-        needle_runs = [(prefill(model, ids), answer) for ids, answer in needle_prompts(tok, tokens, ctx, args.needles)]
-        dense_prefill_s = sum(p.seconds for _, p, _ in ppl_runs) / len(ppl_runs)
-        print(f"\ncontext {ctx}: dense prefill {dense_prefill_s:.2f} s; {args.samples} x {args.chunk} scored tokens, "
-              f"{args.needles} needles, {args.decode_steps} decode steps")
-        print(f"{'method':>9} {'budget':>6} {'ppl':>10} {'ppl/full':>8} {'needle':>6} {'cache MiB':>9} "
+        ppl_texts = [(tokens[s:s + ctx], tokens[s + ctx:s + ctx + args.chunk]) for s in starts]
+        needles = needle_prompts(tok, tokens, ctx, args.needles)
+        rows, times = measure(model, tok, ctx, ppl_texts, needles, configs, args.decode_steps)
+        if args.kvpress:
+            rows += kvpress_rows(args, ctx, ppl_texts, needles)
+        full = rows[0]
+        print(f"\ncontext {ctx}: dense prefill {times[0][0]:.2f} s ({times[0][1] / times[0][0]:.0%} in attention); "
+              f"{args.samples} x {args.chunk} scored tokens, {args.needles} passkeys, {args.decode_steps} decode "
+              f"steps; load average {os.getloadavg()}")
+        print(f"{'method':>20} {'budget':>6} {'ppl':>10} {'ppl/full':>8} {'needle':>6} {'cache MiB':>9} "
               f"{'/full':>7} {'tok/s':>8} {'/full':>7}")
-        full = evaluate(model, tok, ppl_runs, needle_runs, None, args.decode_steps)
-        print(show(full, full), flush=True)
-        results["rows"].append({"context": ctx, **full})
-        for method in args.methods.split(","):
-            for b in budgets:
-                row = evaluate(model, tok, ppl_runs, needle_runs, KVConfig(method=method, budget=b),
-                               args.decode_steps)
-                print(show(row, full), flush=True)
-                results["rows"].append({"context": ctx, **row})
-        if ctx == max(contexts):
-            bs = block_sparse_prefill(model, ppl_runs, dense_prefill_s, full["perplexity"], args.block,
-                                      args.block_density)
-            results["block_sparse"] = {"context": ctx, **bs}
-            print(f"\nblock-sparse prefill at {ctx} (block {bs['block']}, density {bs['density']}): "
-                  f"{bs['sparse_prefill_s']:.2f} s vs dense {bs['dense_prefill_s']:.2f} s = {bs['speedup']:.2f}x; "
-                  f"perplexity {bs['sparse_perplexity']:.3f} vs {bs['dense_perplexity']:.3f} "
-                  f"(x{bs['perplexity_ratio']:.4f})")
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        for row in rows:
+            print(show(row, full), flush=True)
+        results["rows"] += rows
+        if ctx in block_contexts:
+            for bs in block_sparse_rows(model, ctx, ppl_texts, times, settings):
+                results["block_sparse"].append(bs)
+                print(f"block-sparse prefill at {ctx} (block {bs['block']}, density {bs['density']}): "
+                      f"{bs['sparse_prefill_s']:.2f} s vs dense {bs['dense_prefill_s']:.2f} s = {bs['speedup']:.2f}x "
+                      f"(dense: {bs['attention_share']:.0%} in attention); perplexity {bs['sparse_perplexity']:.3f} "
+                      f"vs {bs['dense_perplexity']:.3f} (x{bs['perplexity_ratio']:.4f})", flush=True)
+        if args.json:  # after every context: a long run that is stopped keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -158,13 +158,14 @@ def evaluate_press(model: nn.Module, tokenizer: Any, tokens: torch.Tensor, cfg: 
 @dataclass
 class Prefill:
     """One prompt's pass: logits of its last token (1, V), per layer keys / values (1, Hkv, n, D) and post-RoPE
-    queries (1, Hq, n, D), the attention scaling, seconds taken."""
+    queries (1, Hq, n, D), the attention scaling, seconds taken (all of it, and inside the attention kernels)."""
     logits: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     queries: list[torch.Tensor]
     scaling: float
     seconds: float
+    attention_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -172,12 +173,16 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> Prefill:
     """Run ``ids`` (n,) through ``model`` (sdpa) with a full cache, recording every layer's queries."""
     queries: dict[int, torch.Tensor] = {}
     scaling: list[float] = []
+    inside = [0.0]  # seconds in the attention kernel
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
     def capture(module, query, key, value, attention_mask, **kwargs):
         queries[module.layer_idx] = query
         scaling.append(kwargs.get("scaling") or query.shape[-1] ** -0.5)
-        return sdpa(module, query, key, value, attention_mask, **kwargs)
+        t = time.perf_counter()
+        out = sdpa(module, query, key, value, attention_mask, **kwargs)
+        inside[0] += time.perf_counter() - t
+        return out
 
     AttentionInterface.register(CAPTURE, capture)  # re-registered per call: the closure holds this call's dict
     AttentionMaskInterface.register(CAPTURE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -189,12 +194,12 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> Prefill:
     model.set_attn_implementation(CAPTURE)
     try:
         t0 = time.perf_counter()
-        logits = model(ids[None], cache=cache, use_cache=True).logits[:, -1]
+        logits = model(ids[None], cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         seconds = time.perf_counter() - t0
     finally:
         model.set_attn_implementation(before)
     return Prefill(logits, [l.keys for l in cache.layers], [l.values for l in cache.layers],
-                   [queries[i] for i in range(len(cache.layers))], scaling[0], seconds)
+                   [queries[i] for i in range(len(cache.layers))], scaling[0], seconds, inside[0])
 
 
 def cache_after(model: nn.Module, pre: Prefill, kv: KVPress | None) -> Cache:

@@ -73,7 +73,11 @@ def accumulated_scores(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tens
     for start in range(0, n_q, chunk):
         rows = slice(start, min(start + chunk, n_q))
         allowed = as_allowed(mask, rows, n_q, n, query.device)
-        total += attention_probs(query[:, :, rows], keys, allowed, scaling).sum(dim=2)
+        seen = n - n_q + rows.stop  # keys after the chunk's last query are causal-masked: skip them (half the work)
+        if allowed[..., seen:].any():
+            seen = n
+        total[..., :seen] += attention_probs(query[:, :, rows], keys[:, :, :seen], allowed[..., :seen],
+                                             scaling).sum(dim=2)
     return group_mean(total, query.shape[1] // keys.shape[1])
 
 

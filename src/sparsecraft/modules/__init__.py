@@ -10,6 +10,7 @@ from sparsecraft.modules.sparse_linear import (
     CSR_KERNEL_ONLY_SPARSITY,
     DENSE_MIN_TOKENS,
     SparseLinear,
+    choose_decode_paths_,
     dense_min_tokens_for,
     sparsify_model_,
     use_dense_path,
@@ -19,6 +20,6 @@ from sparsecraft.modules.thresholded import Threshold, ThresholdedLinear, restor
 
 __all__ = [
     "CSR_KERNEL_ONLY_SPARSITY", "DENSE_MIN_TOKENS", "SparseLinear", "Threshold", "ThresholdedLinear",
-    "dense_min_tokens_for", "restore_linears_", "sparsify_model_", "swap_linears_", "swap_module_",
+    "choose_decode_paths_", "dense_min_tokens_for", "restore_linears_", "sparsify_model_", "swap_linears_", "swap_module_",
     "use_dense_path",
 ]

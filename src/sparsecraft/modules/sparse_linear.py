@@ -8,18 +8,26 @@
   ``DENSE_MIN_TOKENS``, ``SparseLinear.dense_from_tokens`` and docs/kernels.md; ``sparsecraft bench`` prints it per layer).
 - ``sparsify_model_(model, masks, pattern)`` swaps every masked Linear. Reading and writing packed checkpoints is
   sparsecraft.checkpoint's job.
+- ``choose_decode_paths_(model)``: per layer shape, times the kernel against dense ``F.linear`` on the expanded
+  weight, cycling through the model's own layers of that shape as a decode step does; shapes where the kernel loses
+  on this machine keep an expanded dense weight and run ``F.linear`` (never slower than dense, at the memory of a
+  dense copy). Decisions are cached per machine (docs/kernels.md).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsecraft import formats
-from sparsecraft.kernels import dense_tiles_linear, make_layout, sparse_linear
+from sparsecraft.kernels import current_isa, dense_tiles_linear, make_layout, sparse_linear
 from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, check_layout, layout_keep, layout_to_dense
+from sparsecraft.kernels.measure import Cycle, time_interleaved
 from sparsecraft.modules.swap import swap_module_
 from sparsecraft.patterns import Pattern, parse_pattern, satisfies
 
@@ -76,6 +84,9 @@ class SparseLinear(nn.Module):
         self.sparsity = 1.0 - int(layout.row_ptr[-1]) / max(1, self.in_features * self.out_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self._layout: Layout | None = None
+        # The expanded dense weight (out, in) when choose_decode_paths_ measured the kernel slower than dense for
+        # this layer's shape on this machine; then every call runs F.linear on it. Not saved in the state dict.
+        self.decode_weight: torch.Tensor | None = None
         check_layout(self.layout, "SparseLinear")
         # A state dict loaded later (load_state_dict) may replace the buffers: validate before any kernel reads them.
         self.register_load_state_dict_post_hook(_check_after_load)
@@ -143,6 +154,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., in) -> (..., out). Kept lean: at decode a SmolLM2 layer takes tens of microseconds.
+        if self.decode_weight is not None:
+            return torch.nn.functional.linear(x, self.decode_weight, self.bias)
         if use_dense_path(x.numel() // self.in_features, self.kind, self.values.dtype, self.sparsity,
                           self.dense_min_tokens):
             y = dense_tiles_linear(self.layout, x.reshape(-1, self.in_features), self.bias, self.use_kernel)
@@ -156,9 +169,10 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         start = self.dense_from_tokens()
         prefill = "kernel at any length" if start is None else f"dense tiles from {start} tokens"
+        decode = ", decode=dense (kernel measured slower)" if self.decode_weight is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.pattern}, "
-            f"layout={self.kind}, bias={self.bias is not None}, prefill={prefill}"
+            f"layout={self.kind}, bias={self.bias is not None}, prefill={prefill}{decode}"
         )
 
 
@@ -190,3 +204,64 @@ def sparsify_model_(model: nn.Module, masks: dict[str, torch.Tensor], pattern: P
         summary["dense_bytes"] += linear.weight.numel() * linear.weight.element_size()
         summary["sparse_bytes"] += sparse.nbytes
     return summary
+
+
+DECODE_PATH_CACHE = Path.home() / ".cache" / "sparsecraft" / "decode_paths.json"
+
+
+def _machine() -> str:
+    """The CPU model name (Linux /proc/cpuinfo), the kernel ISA and torch's thread count: what a decision holds for."""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        name = "unknown CPU"
+    return f"{name}|{current_isa()}|threads={torch.get_num_threads()}"
+
+
+def _shape_key(m: SparseLinear) -> str:
+    # Sparsity to the nearest 5%: layers of one shape pruned to one plan share a decision.
+    return f"{m.out_features}x{m.in_features}|{str(m.values.dtype).removeprefix('torch.')}|{m.kind}|{round(m.sparsity * 20) / 20:.2f}"
+
+
+def _time_group(layers: list[SparseLinear], rounds: int) -> dict[str, float]:
+    """Median seconds of one batch-1 call, kernel vs dense F.linear on the expanded weights, cycling through the
+    group's layers (each weight read once per cycle, as in a decode step), interleaved."""
+    x = torch.randn(1, layers[0].in_features).to(layers[0].values.dtype)
+    dense = [m.dense_weight() for m in layers]
+    fns = {"kernel": Cycle(lambda m: sparse_linear(m.layout, x, None, m.use_kernel), layers),
+           "dense": Cycle(lambda w: torch.nn.functional.linear(x, w), dense)}
+    with torch.inference_mode():
+        return time_interleaved(fns, rounds, calls=max(3, len(layers)))
+
+
+def choose_decode_paths_(model: nn.Module, rounds: int = 7, cache: Path | None = DECODE_PATH_CACHE,
+                         remeasure: bool = False) -> dict[str, str]:
+    """For each shape of SparseLinear in ``model`` (out x in, dtype, layout, sparsity to 5%), measure whether the
+    kernel or dense ``F.linear`` on the expanded weight is faster at batch 1 on this machine (once per machine and
+    shape, cached in the JSON file ``cache``; None = no cache), and give the layers of the shapes where dense wins
+    their expanded weight (``decode_weight``), so the packed model is never slower than dense on a layer. In place;
+    returns fqn -> "kernel" | "dense"."""
+    groups: dict[str, list[tuple[str, SparseLinear]]] = {}
+    for fqn, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            groups.setdefault(_shape_key(m), []).append((fqn, m))
+    machine = _machine()
+    known: dict[str, str] = {}
+    if cache is not None and cache.exists() and not remeasure:
+        known = json.loads(cache.read_text())
+    chosen: dict[str, str] = {}
+    for key, members in groups.items():
+        full = f"{machine}|{key}"
+        if full not in known:
+            t = _time_group([m for _, m in members], rounds)
+            known[full] = "dense" if t["dense"] < t["kernel"] else "kernel"
+        for fqn, m in members:
+            m.decode_weight = m.dense_weight() if known[full] == "dense" else None
+            chosen[fqn] = known[full]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, cache)
+    return chosen

@@ -8,6 +8,8 @@
     .venv/bin/python bench/bench_structured.py --part distill --label mlp --distill-tokens 65536 --curve-every 16
     # decode (batch 1) and prefill (512 tokens) speed of shrunk shapes vs dense, one interleaved run; peak memory
     .venv/bin/python bench/bench_structured.py --part speed --threads 2
+    # peak memory again for the shapes of a speed json (rebuilt from their sizes; one child process each)
+    .venv/bin/python bench/bench_structured.py --part memory --out runs/structured_speed.json
     # the decision table: shrink vs wanda unstructured / 2:4 run with the packed kernels, same decode race
     .venv/bin/python bench/bench_structured.py --part decide --threads 2
     # the sweep plot from several sweep jsons (merged) with distilled models as stars; loads no model
@@ -173,12 +175,36 @@ def peak_memory(config: dict, threads: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def _status_mib(key: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (ru_maxrss would carry the parent's size across fork + exec)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
 def memory_child() -> None:
     cfg = AutoConfig.for_model(**json.loads(sys.stdin.read()))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the imports' high-water mark
+    base = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS (Linux)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     speed(model, torch.randint(0, cfg.vocab_size, (1, 512)), 32)
-    print(json.dumps({"peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+    print(json.dumps({"peak_mib": _status_mib("VmHWM") - base}))
+
+
+def part_memory(args, dense, out: dict, save) -> None:
+    """Peak memory of every shape in a --part speed json (--out), rebuilt from its sizes; rewrites that json."""
+    out.update(json.loads(Path(args.out).read_text()))
+    for name, row in out["speed"].items():
+        sizes = row["sizes"] or {}
+        cfg = dense.config.to_dict()
+        if sizes:
+            groups = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+            cfg.update(intermediate_size=sizes["mlp"], num_key_value_heads=sizes["heads"],
+                       num_attention_heads=sizes["heads"] * groups, hidden_size=sizes["hidden"],
+                       num_hidden_layers=sizes["depth"])
+            cfg.pop("layer_types", None)
+        row["peak_mib"] = peak_memory(cfg, args.threads or 1)
+        print(name, f"{row['peak_mib']:.0f} MiB", flush=True)
+        save()
 
 
 def part_speed(args, dense, calib, prompt, out: dict, save) -> None:
@@ -271,7 +297,7 @@ def plot_decide(out: dict, distilled: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["sweep", "compare", "distill", "speed", "decide", "plot-sweep", "plot-decide",
-                                       "memory-child"],
+                                       "memory", "memory-child"],
                     default="sweep")
     ap.add_argument("--fractions", default="0.9,0.75,0.6,0.5")
     ap.add_argument("--calib", type=int, default=8, help="calibration windows")
@@ -332,6 +358,8 @@ def main() -> None:
         part_distill(args, dense, calib, ev, train, out, save)
     elif args.part == "speed":
         part_speed(args, dense, calib, prompt, out, save)
+    elif args.part == "memory":
+        part_memory(args, dense, out, save)
     else:
         part_decide(args, dense, calib, ev, prompt, out, save)
     out["load_average"] = Path("/proc/loadavg").read_text().split()[:3]

@@ -98,15 +98,15 @@ def plot_sweep(out: dict, path: Path, distilled: list[dict] = ()) -> None:
     for label in dict.fromkeys(r["label"] for r in out["runs"]):
         rows = sorted((r["kept"], r["ppl"]) for r in out["runs"] if r["label"] == label and "ppl" in r)
         style = "--" if "magnitude" in label else "o-"
-        ax.plot([1.0, *[k for k, _ in rows]][::-1], [out["dense_ppl"], *[p for _, p in rows]][::-1], style,
-                label=label, markersize=4)
+        ax.plot([*[k for k, _ in rows], 1.0], [*[p for _, p in rows], out["dense_ppl"]], style, label=label,
+                markersize=4)
     for d in distilled:  # the same model after distillation, at its size
         ax.plot([d["kept"]], [d["after"]], "*", markersize=11, label=f"{d['label']} + distill {d['tokens']:,} tokens")
     ax.axhline(out["dense_ppl"], color="grey", lw=0.8)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of parameters kept")
     ax.set_ylabel("perplexity (log)")
-    ax.set_title("SmolLM2-135M, structured, before distillation")
+    ax.set_title("SmolLM2-135M, structured (lines: before distillation)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

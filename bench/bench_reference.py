@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -158,14 +159,17 @@ def run_child(args: argparse.Namespace) -> None:
     dense_zeros = block_zero_fraction(model)
     rss_model = rss_mib("VmRSS")
     reset_peak_rss()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if args.side != "dense":
         {"sparsecraft": prune_sparsecraft, "llmcompressor": prune_llmcompressor}[args.side](
             model, tok, data["calib"], args.method, args.batch_size)
     seconds = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = rss_mib("VmHWM")
     row = {"side": args.side, "method": args.method, "setting": f"{data['calib'].shape[0]}x{data['calib'].shape[1]}",
-           "prune_s": seconds, "rss_model_mib": rss_model, "peak_rss_mib": peak, "added_mib": peak - rss_model,
+           "prune_s": seconds, "cpu_s": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+           "rss_model_mib": rss_model, "peak_rss_mib": peak, "added_mib": peak - rss_model,
            "block_zeros": block_zero_fraction(model), "dense_zeros": dense_zeros,
            "ppl": perplexity(model, data["eval"]), "threads": torch.get_num_threads(),
            "loadavg_end": os.getloadavg()[0]}
@@ -191,20 +195,22 @@ def run_one(python: Path | str, side: str, method: str, model_dir: Path, data_fi
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| setting | method | side | prune s | peak RSS MiB | above model MiB | block zeros | ppl | load avg |",
-           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| setting | method | side | prune s | CPU s | peak RSS MiB | above model MiB | block zeros | ppl | load avg |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        out.append(f"| {r['setting']} | {r['method']} | {r['side']} | {r['prune_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+        out.append(f"| {r['setting']} | {r['method']} | {r['side']} | {r['prune_s']:.1f} | {r.get('cpu_s', 0):.1f} | "
+                   f"{r['peak_rss_mib']:.0f} | "
                    f"{r['added_mib']:.0f} | {r['block_zeros']:.4f} | {r['ppl']:.2f} | "
                    f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f} |")
-    out += ["", "| setting | method | time sparsecraft / reference | above-model RSS ratio | ppl sc / ref |",
-            "|---|---|---:|---:|---:|"]
+    out += ["", "| setting | method | wall time sparsecraft / reference | CPU time ratio | above-model RSS ratio "
+            "| ppl sc / ref |", "|---|---|---:|---:|---:|---:|"]
     keys = sorted({(r["setting"], r["method"]) for r in rows if r["side"] != "dense"})
     for setting, method in keys:
         def mean(side: str, k: str) -> float:
-            vals = [r[k] for r in rows if (r["setting"], r["method"], r["side"]) == (setting, method, side)]
+            vals = [r.get(k, 0.0) for r in rows if (r["setting"], r["method"], r["side"]) == (setting, method, side)]
             return sum(vals) / len(vals)
         out.append(f"| {setting} | {method} | {mean('sparsecraft', 'prune_s') / mean('llmcompressor', 'prune_s'):.2f} "
+                   f"| {mean('sparsecraft', 'cpu_s') / max(mean('llmcompressor', 'cpu_s'), 1e-9):.2f} "
                    f"| {mean('sparsecraft', 'added_mib') / mean('llmcompressor', 'added_mib'):.2f} "
                    f"| {mean('sparsecraft', 'ppl') / mean('llmcompressor', 'ppl'):.3f} |")
     return "\n".join(out)

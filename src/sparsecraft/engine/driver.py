@@ -43,7 +43,8 @@ def propagate(block: nn.Module, calls: list[BlockCall], device: torch.device | s
     with torch.no_grad():
         for call in calls:
             out = call.run(block, device)
-            if not torch.isfinite(out).all():
+            # one reduction instead of isfinite + all: a NaN or inf anywhere makes the float32 sum non-finite
+            if not torch.isfinite(out.sum(dtype=torch.float32)):
                 raise ValueError("block outputs contain NaN or inf; try --dtype float32 or check the model weights")
             call.hidden = out.to(call.hidden.device)
 

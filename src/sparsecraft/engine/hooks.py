@@ -26,6 +26,7 @@ class LayerCollector:
         self.fqn = fqn
         self.sqnorm = InputSqNorm(features)
         self.hessian = Hessian(features, device) if hessian or "hessian" in needs else None
+        self.checked = False  # statistics checked finite (once per collector, shared by q/k/v)
 
     def update(self, x: torch.Tensor) -> None:
         self.sqnorm.update(x)

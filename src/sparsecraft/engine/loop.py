@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sparsecraft.engine.blocks import set_weight_2d_, to_module_layout, weight_2d
+from sparsecraft.engine.blocks import to_module_layout, weight_2d
 from sparsecraft.engine.capture import BlockCall
 from sparsecraft.engine.driver import run_blocks
 from sparsecraft.engine.hooks import LayerCollector, collect_inputs
@@ -33,12 +33,16 @@ def layer_generator(seed: int, fqn: str) -> torch.Generator:
 def reconstruction_error(w: torch.Tensor, w_new: torch.Tensor, H: torch.Tensor) -> float:
     """Relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T). ``H`` (in, in) is the full
     Hessian, or its diagonal (in,) when the method did not need the Hessian (cross terms between inputs dropped)."""
-    w = w.float()
-    dW = w - w_new.float()  # (out, in)
-    if H.dim() == 1:
-        num, den = (dW.pow(2) * H).sum(), (w.pow(2) * H).sum()
+    dW = w.float() - w_new  # (out, in) float32: the difference of two bf16 weights is exact in float32
+    if H.dim() == 1:  # sum_ij dW_ij^2 h_j = ||dW * sqrt(h)||^2: a product and a norm, no squared copies
+        sqrt_h = H.float().sqrt()
+        num = torch.linalg.vector_norm(dW * sqrt_h).square()
+        den = torch.linalg.vector_norm(w * sqrt_h).square()  # promotes a bf16 w to float32 in the product
     else:
-        num, den = ((dW @ H) * dW).sum(), ((w @ H) * w).sum()
+        H = H.float()
+        num = ((dW @ H) * dW).sum()
+        wf = w.float()
+        den = ((wf @ H) * wf).sum()
     return float(num / den) if den > 0 else 0.0
 
 
@@ -47,11 +51,22 @@ def layer_stats(collector: LayerCollector, method: Method, fqn: str) -> LayerSta
         sqnorm=collector.sqnorm.value if collector.sqnorm.count > 0 else None,
         hessian=collector.hessian.value if "hessian" in method.needs else None,
     )
-    for t in (stats.sqnorm, stats.hessian):  # checked once per layer on the statistics, not on every input
-        if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"calibration activations entering {fqn} contain NaN or inf; check the weights of the "
-                             f"earlier layers and the dtype (try --dtype float32)")
+    if not collector.checked:  # once per collector (q/k/v share one), on the statistics, not on every input
+        for t in (stats.sqnorm, stats.hessian):
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"calibration activations entering {fqn} contain NaN or inf; check the weights of "
+                                 f"the earlier layers and the dtype (try --dtype float32)")
+        collector.checked = stats.hessian is not None or "hessian" not in method.needs
     return stats
+
+
+def swap_weight_(module: nn.Module, w_new: torch.Tensor) -> None:
+    """Point ``module.weight`` at the (out, in) ``w_new`` (module layout, dtype, device), without copying it into
+    the old storage: the old tensor stays intact, so whoever holds it can restore the layer (``run_oneshot``)."""
+    new = to_module_layout(module, w_new).to(module.weight.device, module.weight.dtype)
+    if new.data_ptr() == module.weight.data_ptr():  # a method that returned its input unchanged
+        return
+    module.weight.data = new.contiguous()
 
 
 def prune_layer(fqn: str, module: nn.Module, collector: LayerCollector, method: Method, sparsity: float,
@@ -67,9 +82,9 @@ def prune_layer(fqn: str, module: nn.Module, collector: LayerCollector, method: 
         error = reconstruction_error(w, w_new, collector.sqnorm.value)
     else:
         error = float("nan")
-    set_weight_2d_(module, w_new)
-    record = LayerRecord(fqn, tuple(w.shape), sparsity, float((~keep).sum()) / keep.numel(), error,
-                         time.perf_counter() - t0)
+    swap_weight_(module, w_new)
+    zeros = keep.numel() - int(keep.count_nonzero())
+    record = LayerRecord(fqn, tuple(w.shape), sparsity, zeros / keep.numel(), error, time.perf_counter() - t0)
     return to_module_layout(module, keep.cpu()), record
 
 
@@ -101,8 +116,8 @@ def run_oneshot(blocks: nn.ModuleList, blocks_fqn: str, block_targets: list[dict
 
     def step(i: int, block: nn.Module, block_calls: list[BlockCall]) -> None:
         targets = block_targets[i]
-        current.update(i=i, t0=time.perf_counter(),
-                       saved={fqn: weight_2d(m).detach().clone() for fqn, m in targets.items()})
+        # the original weights by reference: prune_layer swaps new tensors in and leaves these untouched
+        current.update(i=i, t0=time.perf_counter(), saved={fqn: m.weight.data for fqn, m in targets.items()})
         prune_block(block, targets, layer_sparsity, block_calls, method, pattern, seed, device, result,
                     after_prune, i)
 
@@ -117,7 +132,7 @@ def run_oneshot(blocks: nn.ModuleList, blocks_fqn: str, block_targets: list[dict
         i = current["i"]
         for fqn, m in block_targets[i].items():  # the failing block goes back to its original weights
             if fqn in current["saved"]:
-                set_weight_2d_(m, current["saved"][fqn].to(m.weight.device))
+                m.weight.data = current["saved"][fqn].to(m.weight.device)
             result.masks.pop(fqn, None)
             result.layers.pop(fqn, None)
         if i == start:

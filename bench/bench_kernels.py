@@ -15,6 +15,7 @@ speedup is dense bytes / packed bytes (../shared/FIELD.md), and "% limit" = meas
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from torch import nn
@@ -42,9 +43,10 @@ def make_pair(rows: int, cols: int, dtype: torch.dtype, case: str) -> tuple[torc
 
 def decode_table(shapes, dtypes, cases, batches, rounds, isas, copies) -> None:
     bw = read_bandwidth()
-    print(f"threads={torch.get_num_threads()} read bandwidth={bw / 1e9:.1f} GB/s isas={','.join(isas)}")
+    print(f"threads={torch.get_num_threads()} read bandwidth={bw / 1e9:.1f} GB/s isas={','.join(isas)} "
+          f"load={os.getloadavg()[0]:.2f}")
     print(f"{'shape':>11} {'dtype':>5} {'case':>4} {'B':>2} {'layout':>7} {'copies':>6} {'dense ms':>9} "
-          + " ".join(f"{isa + ' ms':>10} {'speedup':>7}" for isa in isas) + f" {'ideal':>6} {'% limit':>7}")
+          + " ".join(f"{isa + ' ms':>10} {'speedup':>7}" for isa in isas) + f" {'ideal':>6} {'% limit':>7} {'load':>5}")
     for rows, cols in shapes:
         for dname in dtypes:
             for case in cases:
@@ -66,7 +68,8 @@ def decode_table(shapes, dtypes, cases, batches, rounds, isas, copies) -> None:
                     cells = " ".join(f"{t[isa] * 1e3:10.3f} {t['dense'] / t[isa]:6.2f}x" for isa in isas)
                     best = max(t["dense"] / t[isa] for isa in isas)
                     print(f"{rows:>5}x{cols:<5} {dname:>5} {case:>4} {b:>2} {sparse.kind:>7} {n:>6} "
-                          f"{t['dense'] * 1e3:9.3f} {cells} {ideal:5.2f}x {100 * best / ideal:6.0f}%", flush=True)
+                          f"{t['dense'] * 1e3:9.3f} {cells} {ideal:5.2f}x {100 * best / ideal:6.0f}% {os.getloadavg()[0]:5.2f}",
+                          flush=True)
                 del ws, layouts
 
 

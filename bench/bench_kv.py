@@ -81,10 +81,19 @@ def measure(model, tok, ctx: int, ppl_texts, needles, configs: list, decode_step
                 a["hits"] += answer in tok.decode(greedy(model, pre, kv, 6)[0])
         del pre
     scored = sum(c.numel() for _, c in ppl_texts)
-    rows = [{"context": ctx, "method": cfg.method if cfg else "full", "budget": cfg.budget if cfg else 1.0,
+    rows = [{"context": ctx, "method": label(cfg), "budget": cfg.budget if cfg else 1.0,
              "perplexity": math.exp(a["nll"] / scored), "needle": a["hits"] / max(1, len(needles)),
              "cache_bytes": a["cache_bytes"], "decode_tok_s": a["decode_tok_s"]} for a, cfg in zip(acc, configs)]
     return rows, times
+
+
+def label(cfg: KVConfig | None) -> str:
+    """Row name: the method, plus any option that differs from KVConfig's default (e.g. "snapkv w8")."""
+    if cfg is None:
+        return "full"
+    short = {"window": "w", "sinks": "s", "pool": "p"}
+    diff = [f"{short[k]}{v}" for k, v in cfg.to_dict().items() if k in short and v != getattr(KVConfig, k)]
+    return " ".join([cfg.method] + diff)
 
 
 def kvpress_venv(venv: Path) -> Path:
@@ -159,6 +168,10 @@ def main() -> None:
     ap.add_argument("--contexts", default="2048", help="comma-separated prompt lengths")
     ap.add_argument("--methods", default="streaming,h2o,snapkv,merge")
     ap.add_argument("--budgets", default="0.1,0.25,0.5")
+    ap.add_argument("--variants", default="", help="extra method settings at every budget, method:key=value,... "
+                    "(e.g. snapkv:window=8: an observation window as long as the passkey question)")
+    ap.add_argument("--skip", default="", help="method:budget pairs not run, e.g. h2o:0.1 (h2o scores every "
+                    "prompt query: minutes per press at 8k on one core)")
     ap.add_argument("--samples", type=int, default=1, help="perplexity offsets per context")
     ap.add_argument("--chunk", type=int, default=128, help="tokens scored after the context")
     ap.add_argument("--needles", type=int, default=4, help="passkey prompts per context")
@@ -181,15 +194,19 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     block_contexts = [int(c) for c in args.block_contexts.split(",")] if args.block_contexts else [max(contexts)]
     settings = [(int(b), float(d)) for b, d in (x.split(":") for x in args.block_settings.split(","))]
-    configs = [None] + [KVConfig(method=m, budget=b) for m in args.methods.split(",") for b in budgets]
+    skip = {(m, float(b)) for m, b in (x.split(":") for x in args.skip.split(",") if x)}
+    variants = [(m, {}) for m in args.methods.split(",")]
+    for x in filter(None, args.variants.split(",")):  # method:key=value -> a named variant at every budget
+        m, opt = x.split(":")
+        variants.append((m, {opt.split("=")[0]: int(opt.split("=")[1])}))
+    configs = [None] + [KVConfig(method=m, budget=b, **o) for m, o in variants for b in budgets
+                        if (m, b) not in skip]
     results: dict = {"rows": [], "block_sparse": [], "settings": vars(args)}
     for ctx in contexts:
         starts = torch.linspace(0, tokens.numel() - ctx - args.chunk, args.samples).long().tolist()
         ppl_texts = [(tokens[s:s + ctx], tokens[s + ctx:s + ctx + args.chunk]) for s in starts]
         needles = needle_prompts(tok, tokens, ctx, args.needles)
         rows, times = measure(model, tok, ctx, ppl_texts, needles, configs, args.decode_steps)
-        if args.kvpress:
-            rows += kvpress_rows(args, ctx, ppl_texts, needles)
         full = rows[0]
         print(f"\ncontext {ctx}: dense prefill {times[0][0]:.2f} s ({times[0][1] / times[0][0]:.0%} in attention); "
               f"{args.samples} x {args.chunk} scored tokens, {args.needles} passkeys, {args.decode_steps} decode "
@@ -198,7 +215,6 @@ def main() -> None:
               f"{'/full':>7} {'tok/s':>8} {'/full':>7}")
         for row in rows:
             print(show(row, full), flush=True)
-        results["rows"] += rows
         if ctx in block_contexts:
             for bs in block_sparse_rows(model, ctx, ppl_texts, times, settings):
                 results["block_sparse"].append(bs)
@@ -206,6 +222,13 @@ def main() -> None:
                       f"{bs['sparse_prefill_s']:.2f} s vs dense {bs['dense_prefill_s']:.2f} s = {bs['speedup']:.2f}x "
                       f"(dense: {bs['attention_share']:.0%} in attention); perplexity {bs['sparse_perplexity']:.3f} "
                       f"vs {bs['dense_perplexity']:.3f} (x{bs['perplexity_ratio']:.4f})", flush=True)
+        if args.json:  # ours first: kvpress's rows come after minutes more
+            Path(args.json).write_text(json.dumps({**results, "rows": results["rows"] + rows}, indent=1))
+        if args.kvpress:
+            rows += kvpress_rows(args, ctx, ppl_texts, needles)
+            for row in rows[len(configs):]:
+                print(show(row, full), flush=True)
+        results["rows"] += rows
         if args.json:  # after every context: a long run that is stopped keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()}")

@@ -88,7 +88,8 @@ def greedy(model, logits: torch.Tensor, cache, n: int, steps: int) -> list[int]:
     out = [int(tok_)]
     for i in range(steps - 1):
         pos = torch.tensor([[n + i]])
-        tok_ = model(tok_, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(tok_, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1]
+        tok_ = logits.argmax(-1, keepdim=True)
         out.append(int(tok_))
     return out
 
@@ -116,7 +117,8 @@ def run(model, tok, inputs: dict, settings: list[tuple[str, float, object]], dec
     for ids, answer in inputs["needles"]:
         logits, full, calls = recorded(model, ids)
         for n, b, press in settings:
-            acc[n, b]["hits"] += answer in tok.decode(greedy(model, logits, replayed(model, full, calls, press), ids.numel(), 6))
+            out = greedy(model, logits, replayed(model, full, calls, press), ids.numel(), 6)
+            acc[n, b]["hits"] += answer in tok.decode(out)
         del full, calls
     return [{"method": n, "budget": b, "perplexity": math.exp(a["nll"] / a["scored"]),
              "needle": a["hits"] / max(1, len(inputs["needles"])), "cache_bytes": a["cache_bytes"],

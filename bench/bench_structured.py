@@ -193,6 +193,7 @@ def memory_child() -> None:
 def part_memory(args, dense, out: dict, save) -> None:
     """Peak memory of every shape in a --part speed json (--out), rebuilt from its sizes; rewrites that json."""
     out.update(json.loads(Path(args.out).read_text()))
+    out["speed_load_average"] = out.pop("load_average", None)  # the timing run's; this run records its own
     for name, row in out["speed"].items():
         sizes = row["sizes"] or {}
         cfg = dense.config.to_dict()

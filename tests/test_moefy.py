@@ -192,7 +192,8 @@ def test_each_token_runs_exactly_the_dense_neurons_of_its_experts(tokens, shared
         chosen = moe.route(x)  # (7, k)
         ref = []
         for t in range(7):
-            neurons = torch.cat([plan.order[:s]] + [plan.order[s + e * ie: s + (e + 1) * ie] for e in chosen[t].tolist()])
+            runs = [plan.order[s + e * ie: s + (e + 1) * ie] for e in chosen[t].tolist()]
+            neurons = torch.cat([plan.order[:s]] + runs)
             g, u = dense.gate_proj.weight[neurons] @ x[t], dense.up_proj.weight[neurons] @ x[t]
             ref.append(dense.down_proj.weight[:, neurons] @ (dense.act_fn(g) * u))
         ref = torch.stack(ref)

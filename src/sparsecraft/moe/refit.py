@@ -64,7 +64,8 @@ def solve_down(A: torch.Tensor, mask: torch.Tensor, D: torch.Tensor, ridge: floa
 
 
 @torch.no_grad()
-def refit_down_(model: nn.Module, inputs: dict[str, torch.Tensor], ridge: float = 0.3) -> dict[str, tuple[float, float]]:
+def refit_down_(model: nn.Module, inputs: dict[str, torch.Tensor],
+                ridge: float = 0.3) -> dict[str, tuple[float, float]]:
     """Refit every MoEMLP named in ``inputs`` (fqn -> its calibration inputs (N, H), e.g. from ``mlp_inputs`` on the
     dense model) in place -> fqn -> (relative squared output error before, after) on those inputs."""
     if ridge <= 0:

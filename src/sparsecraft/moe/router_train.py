@@ -64,7 +64,9 @@ def train_routers_(model: nn.Module, teacher: nn.Module, windows: torch.Tensor,
             p.requires_grad_(True)
         for m in moes:
             m.relax = config.temperature
-        groups = [{"params": params, "lr": config.lr}] + ([{"params": experts, "lr": config.expert_lr}] if experts else [])
+        groups = [{"params": params, "lr": config.lr}]
+        if experts:
+            groups.append({"params": experts, "lr": config.expert_lr})
         opt = torch.optim.Adam(groups)
         device = params[0].device
         start = time.perf_counter()

@@ -149,10 +149,16 @@ void bitmask_rows(const uint64_t* mask, int64_t words, uint64_t tail, const V* v
   }
 }
 
+// One 64-column mask word of one row times x (the 64 columns ``xp``) into two accumulators; returns the values
+// consumed. The expands of one word read at offsets that are independent popcounts of the word's low bits.
 #ifdef SPARSECRAFT_AVX512
-// One 64-column mask word of one row times x: four expands into two accumulators; returns the values consumed.
+using Acc = __m512;
+constexpr int LANES = 16;
+inline Acc zero() { return _mm512_setzero_ps(); }
+inline Acc load(const float* p) { return _mm512_loadu_ps(p); }
+inline float reduce(Acc a, Acc b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
 template <typename V>
-inline int64_t word_fma(const V* v, uint64_t m, const __m512* xw, __m512& a0, __m512& a1) {
+inline int64_t word_fma(const V* v, uint64_t m, const Acc* xw, Acc& a0, Acc& a1) {
   a0 = _mm512_fmadd_ps(expand16(v, (unsigned)m & 0xffffu), xw[0], a0);
   a1 = _mm512_fmadd_ps(expand16(v + __builtin_popcountll(m & 0xffffull), (unsigned)(m >> 16) & 0xffffu), xw[1], a1);
   a0 = _mm512_fmadd_ps(expand16(v + __builtin_popcountll(m & 0xffffffffull), (unsigned)(m >> 32) & 0xffffu), xw[2],
@@ -160,33 +166,52 @@ inline int64_t word_fma(const V* v, uint64_t m, const __m512* xw, __m512& a0, __
   a1 = _mm512_fmadd_ps(expand16(v + __builtin_popcountll(m & 0xffffffffffffull), (unsigned)(m >> 48)), xw[3], a1);
   return __builtin_popcountll(m);
 }
+constexpr int64_t OVER_READ = 0;  // expand-loads read exactly popcount values
+#else
+using Acc = __m256;
+constexpr int LANES = 8;
+inline Acc zero() { return _mm256_setzero_ps(); }
+inline Acc load(const float* p) { return _mm256_loadu_ps(p); }
+inline float reduce(Acc a, Acc b) { return hsum(_mm256_add_ps(a, b)); }
+template <typename V>
+inline int64_t word_fma(const V* v, uint64_t m, const Acc* xw, Acc& a0, Acc& a1) {
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; j += 2) {
+    const int64_t below = j == 0 ? 0 : __builtin_popcountll(m & ((1ull << (8 * j)) - 1));
+    const unsigned b0 = (unsigned)(m >> (8 * j)) & 0xffu, b1 = (unsigned)(m >> (8 * j + 8)) & 0xffu;
+    a0 = _mm256_fmadd_ps(expand(v + below, b0), xw[j], a0);
+    a1 = _mm256_fmadd_ps(expand(v + below + __builtin_popcount(b0), b1), xw[j + 1], a1);
+  }
+  return __builtin_popcountll(m);
+}
+constexpr int64_t OVER_READ = 8;  // the table expander loads 8 values whatever the byte keeps
+#endif
 
-// Batch 1 (the decode case), AVX-512: two rows per step, so two independent value streams are in flight (the
-// expand-loads of one row wait on its running value offset), each x vector is loaded once for both rows, and a
+// Batch 1 (the decode case), both ISAs: two rows per step, so two independent value streams are in flight (the
+// expands of one row wait on its running value offset), each x vector is loaded once for both rows, and a
 // software prefetch runs 512 bytes ahead in each stream. Measured at batch 1 streamed from memory, one thread
-// (bench/probe_expand.py, docs/kernels.md): 1.17x -> 1.58x dense at 50% fp32, 1.51x -> 2.27x at 70%, 0.86x ->
-// 1.61x at 50% bf16.
+// (bench/probe_expand.py, docs/kernels.md), AVX-512: 1.17x -> 1.58x dense at 50% fp32, 1.51x -> 2.27x at 70%,
+// 0.86x -> 1.61x at 50% bf16.
 // The mask check runs after each row instead of before it (no second pass over the mask): a wrong mask can only
 // make a row read values of the rows after it, never past the buffer, as long as its row can hold words * 64
-// values before the end (``nvals``); the last rows, which cannot, are checked first by bitmask_rows. A row that
+// values (+ the AVX2 expander's over-read) before the end (``nvals``); the last rows, which cannot, are checked first by bitmask_rows. A row that
 // fails the check is reported through ``bad`` (the call then raises, its output discarded).
 template <typename V>
 void bitmask_rows_pairs(const uint64_t* mask, int64_t words, uint64_t tail, const V* vals, int64_t nvals,
                         const int64_t* row_ptr, const float* x, float* out, int64_t r0, int64_t r1, BadRow& bad) {
   constexpr int64_t PREFETCH = 512 / sizeof(V);  // values ahead
   int64_t o = r0;
-  for (; o + 2 <= r1 && row_ptr[o + 1] + words * 64 <= nvals; o += 2) {
+  for (; o + 2 <= r1 && row_ptr[o + 1] + words * 64 + OVER_READ <= nvals; o += 2) {
     const uint64_t* ma = mask + o * words;
     const uint64_t* mb = ma + words;
     const V* va = vals + row_ptr[o];
     const V* vb = vals + row_ptr[o + 1];
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    Acc a0 = zero(), a1 = a0, b0 = a0, b1 = a0;
     for (int64_t w = 0; w < words; ++w) {
       _mm_prefetch((const char*)(va + PREFETCH), _MM_HINT_T0);  // never faults, even past the buffer
       _mm_prefetch((const char*)(vb + PREFETCH), _MM_HINT_T0);
-      const float* xp = x + 64 * w;
-      const __m512 xw[4] = {_mm512_loadu_ps(xp), _mm512_loadu_ps(xp + 16), _mm512_loadu_ps(xp + 32),
-                            _mm512_loadu_ps(xp + 48)};
+      Acc xw[64 / LANES];  // x's 64 columns, loaded once for both rows
+      for (int j = 0; j < 64 / LANES; ++j) xw[j] = load(x + 64 * w + LANES * j);
       va += word_fma(va, ma[w], xw, a0, a1);
       vb += word_fma(vb, mb[w], xw, b0, b1);
     }
@@ -195,12 +220,11 @@ void bitmask_rows_pairs(const uint64_t* mask, int64_t words, uint64_t tail, cons
       bitmask_rows<V, 1, false>(mask, words, tail, vals, row_ptr, x, out, 0, o, o + 2, bad);  // notes the row
       continue;
     }
-    out[o] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    out[o + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    out[o] = reduce(a0, a1);
+    out[o + 1] = reduce(b0, b1);
   }
   if (o < r1) bitmask_rows<V, 1, false>(mask, words, tail, vals, row_ptr, x, out, 0, o, r1, bad);
 }
-#endif
 
 struct BitmaskArgs {
   const uint64_t* mask;
@@ -218,10 +242,8 @@ void bitmask_dispatch(int64_t B, const BitmaskArgs& a, const V* vals, const floa
 #define SPARSECRAFT_ROWS(n) bitmask_rows<V, n, SKIP>(a.mask, a.words, a.tail, vals, a.row_ptr, x, out, a.rows, r0, r1, bad)
   switch (B) {
     case 1:
-#ifdef SPARSECRAFT_AVX512
       if constexpr (!SKIP)
         return bitmask_rows_pairs<V>(a.mask, a.words, a.tail, vals, a.nvals, a.row_ptr, x, out, r0, r1, bad);
-#endif
       return SPARSECRAFT_ROWS(1);
     case 2: return SPARSECRAFT_ROWS(2);
     case 3: return SPARSECRAFT_ROWS(3);

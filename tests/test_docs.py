@@ -151,6 +151,8 @@ def test_shell_examples_run(doc: Path, tiny, monkeypatch, tmp_path) -> None:
             if kind == "" and not line.startswith(("sparsecraft ", "python ")):
                 continue  # an unlabelled block (a tree, a table): only its commands are examples
             argv = shlex.split(line)
+            while len(argv) > 1 and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+                argv.pop(0)  # environment assignments before the command (OMP_NUM_THREADS=1 python ...)
             if argv[0] == "make":
                 assert re.search(rf"^{argv[1]}:", makefile, re.M), f"{doc.name}: no Makefile target {argv[1]}"
                 continue

@@ -53,6 +53,25 @@ def test_moefy_writes_a_loadable_moe(files, tmp_path):
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+def test_moefy_refit_changes_only_the_down_projections(files, tmp_path, capsys):
+    from sparsecraft.moe import load_moefied
+
+    common = ["--experts", "4", "--top-k", "1", "--shared", "1", "--calib", str(files["text"]), "--eval",
+              str(files["text"])]
+    assert _run("moe", "moefy", str(files["dense"]), *common, "--output", str(tmp_path / "plain")) == 0
+    assert _run("moe", "moefy", str(files["dense"]), *common, "--refit", "0.3", "--output", str(tmp_path / "refit")) == 0
+    errors = json.loads((tmp_path / "refit" / "report.json").read_text())["refit_error_before_after"]
+    assert len(errors) == 2 and all(after <= before for before, after in errors.values())
+    plain = dict(load_moefied(tmp_path / "plain")[0].named_parameters())
+    refit = dict(load_moefied(tmp_path / "refit")[0].named_parameters())
+    assert plain.keys() == refit.keys()
+    for name, p in plain.items():
+        assert torch.equal(p, refit[name]) != ("down" in name), name  # the down projections, and only they, moved
+    assert _run("moe", "prune", str(files["moe"]), "--keep", "2", "--refit", "0.3", "--output",
+                str(tmp_path / "never")) == 2
+    assert "only with moefy" in capsys.readouterr().err
+
+
 def test_bad_settings_exit_2_before_writing(files, tmp_path, capsys):
     out = tmp_path / "never"
     assert _run("moe", "prune", str(files["moe"]), "--output", str(out)) == 2  # no --keep

@@ -3,6 +3,7 @@
     sparsecraft moe prune MOE_MODEL --keep 4 --output runs/reap4      # REAP: drop the lowest-scoring experts
     sparsecraft moe merge MOE_MODEL --keep 4 --output runs/merge4     # average clusters of similar experts
     sparsecraft moe moefy MODEL --experts 8 --top-k 2 --shared 1 --output runs/moe8
+    sparsecraft moe moefy MODEL --experts 8 --top-k 3 --shared 1 --refit 0.3 --output runs/moe8r   # + down refit
 
 prune / merge write a plain Hugging Face checkpoint with the new expert count (loads without sparsecraft); moefy
 writes the dense checkpoint with neurons grouped by expert plus moe.safetensors (load it with
@@ -21,7 +22,8 @@ from sparsecraft.commands.options import add_output_arguments
 from sparsecraft.io import StagedOutput, atomic_write_text, check_output
 from sparsecraft.models import load_model, parse_dtype
 from sparsecraft.moe.experts import ExpertConfig, reduce_experts
-from sparsecraft.moe.moefy import ROUTERS, MoEfyConfig, moefy_, save_moefied
+from sparsecraft.moe.moefy import ROUTERS, MoEfyConfig, find_gated_mlps, mlp_inputs, moefy_, save_moefied
+from sparsecraft.moe.refit import refit_down_
 
 ACTIONS = ("prune", "merge", "moefy")
 
@@ -36,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=2, dest="top_k", help="moefy: routed experts run per token")
     p.add_argument("--shared", type=int, default=0, help="moefy: experts that always run")
     p.add_argument("--router", default="lstsq", choices=ROUTERS, help="moefy: router fit")
+    p.add_argument("--refit", type=float, default=0.0, metavar="RIDGE",
+                   help="moefy: refit the experts' down projections for the routing in closed form with this ridge "
+                        "(e.g. 0.3; 0 = off; see docs/moe.md)")
     p.add_argument("--calib", default="shakespeare", help="calibration text (file, folder or 'shakespeare')")
     p.add_argument("--eval", default="shakespeare", help="evaluation text")
     p.add_argument("--nsamples", type=int, default=16)
@@ -58,6 +63,8 @@ def _config(args: argparse.Namespace) -> ExpertConfig | MoEfyConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = _config(args)  # bad settings fail before anything is read
+    if args.refit < 0 or args.refit > 0 and args.action != "moefy":
+        raise ValueError(f"--refit {args.refit}: give a ridge > 0 (e.g. 0.3), and only with moefy")
     if min(args.nsamples, args.seqlen, args.eval_windows) < 1:
         raise ValueError("--nsamples, --seqlen and --eval-windows must be >= 1")
     out = check_output(args.output, [args.model, args.calib, args.eval], overwrite=args.overwrite)
@@ -68,12 +75,17 @@ def run(args: argparse.Namespace) -> int:
     before = evaluate.perplexity(model, ev)
     params = sum(p.numel() for p in model.parameters())
     if isinstance(config, MoEfyConfig):
-        result = moefy_(model, calib, config)
+        inputs = mlp_inputs(model, calib, list(find_gated_mlps(model)), config.max_tokens)
+        result = moefy_(model, calib, config, inputs=inputs)
+        refit = refit_down_(model, inputs, ridge=args.refit) if args.refit > 0 else {}
+        del inputs
     else:
         result = reduce_experts(model, calib, config)
     report = {"command": " ".join(sys.argv), "settings": {**vars(args), "func": None}, "ppl_before": before,
               "ppl": evaluate.perplexity(model, ev), "params_before": params,
               "params": sum(p.numel() for p in model.parameters()), **result.as_dict()}
+    if isinstance(config, MoEfyConfig) and refit:
+        report["refit_error_before_after"] = refit
     with StagedOutput(out) as stage:
         if isinstance(config, MoEfyConfig):
             save_moefied(model, stage.path)

@@ -7,14 +7,14 @@ dependency of sparsecraft). Both sides read the same files, written once per set
 - the calibration windows (``sparsecraft.data.calibration_data``, NxT) and the evaluation windows (held-out text).
 
 Every run is its own process (so its peak RSS is its own), in alternating order (reference first, then sparsecraft
-first, ...). A run loads the model (not timed), resets the process's peak RSS (/proc/self/clear_refs), times the
-pruning call itself (``sparsecraft.prune(...)`` / ``llmcompressor.oneshot(...)``: capture + calibration + pruning +
-propagation; neither side writes a checkpoint), reads the peak RSS, counts the zeros of every Linear inside the
-blocks, and scores the pruned model's perplexity on the evaluation windows with the one function below (the same on
-both sides). Settings on both sides: 50% unstructured, every Linear in the decoder blocks, the same batch size,
-sparsegpt block size 128 and dampening 0.01, no shuffling of the windows.
+first, ...). A run loads the model and imports its side's package (not timed), resets the process's peak RSS
+(/proc/self/clear_refs), times the pruning call itself (``sparsecraft.prune(...)`` / ``llmcompressor.oneshot(...)``:
+capture + calibration + pruning + propagation; neither side writes a checkpoint), reads the peak RSS and CPU seconds,
+counts the zeros of every Linear inside the blocks, and scores the pruned model's perplexity on the evaluation
+windows with the one function below (the same on both sides). Settings on both sides: 50% unstructured, every
+Linear in the decoder blocks, the same batch size, sparsegpt block size 128 and dampening 0.01, no shuffling.
 
-Usage (2 CPU cores; about 2-4 min per run under load):
+Usage (2 shared CPU cores at load average 10: 16x512 wanda about 4-6 min per run, sparsegpt longer):
     python bench/bench_reference.py [--settings 16x512,64x512] [--methods wanda,sparsegpt] [--repeats 1]
         [--dtype bfloat16] [--batch-size 8] [--eval-windows 16] [--out bench/results/reference.jsonl]
 Prints a Markdown table with sparsecraft / reference ratios of wall time and peak RSS.
@@ -30,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Only the standard library at module level: the reference side runs this file in its own venv, without sparsecraft.
@@ -63,7 +64,8 @@ def versions(python: Path | str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- shared inputs
-def prepare(work: Path, dtype: str, nsamples: int, seqlen: int, eval_windows: int, eval_seqlen: int) -> tuple[Path, Path]:
+def prepare(work: Path, dtype: str, nsamples: int, seqlen: int, eval_windows: int,
+            eval_seqlen: int) -> tuple[Path, Path]:
     """Write (once) the model folder and the windows file both sides read -> (model dir, data file)."""
     import torch
 
@@ -124,14 +126,18 @@ def block_zero_fraction(model) -> float:
     return zeros / total
 
 
-def prune_sparsecraft(model, tok, calib, method: str, batch_size: int) -> None:
+def sparsecraft_pruner(method: str, batch_size: int) -> Callable:
+    """Import sparsecraft (outside the timed region) -> prune(model, calib)."""
     import sparsecraft
 
-    sparsecraft.prune(model, method, 0.5, "unstructured", calib, batch_size=batch_size, device="cpu",
-                      offload="cpu", progress=False)
+    def prune(model, calib) -> None:
+        sparsecraft.prune(model, method, 0.5, "unstructured", calib, batch_size=batch_size, device="cpu",
+                          offload="cpu", progress=False)
+    return prune
 
 
-def prune_llmcompressor(model, tok, calib, method: str, batch_size: int) -> None:
+def llmcompressor_pruner(method: str, batch_size: int, tok) -> Callable:
+    """Import llm-compressor and build its modifier (outside the timed region) -> prune(model, calib)."""
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
@@ -143,9 +149,12 @@ def prune_llmcompressor(model, tok, calib, method: str, batch_size: int) -> None
     else:
         modifier = SparseGPTModifier(sparsity=0.5, mask_structure="0:0", targets=blocks, block_size=128,
                                      dampening_frac=0.01)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * calib.shape[0]})
-    oneshot(model=model, processor=tok, dataset=ds, recipe=modifier, num_calibration_samples=calib.shape[0],
-            max_seq_length=calib.shape[1], batch_size=batch_size, shuffle_calibration_samples=False)
+
+    def prune(model, calib) -> None:
+        ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": [[1] * calib.shape[1]] * calib.shape[0]})
+        oneshot(model=model, processor=tok, dataset=ds, recipe=modifier, num_calibration_samples=calib.shape[0],
+                max_seq_length=calib.shape[1], batch_size=batch_size, shuffle_calibration_samples=False)
+    return prune
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -157,13 +166,14 @@ def run_child(args: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
     dense_zeros = block_zero_fraction(model)
+    pruner = {"sparsecraft": lambda: sparsecraft_pruner(args.method, args.batch_size),
+              "llmcompressor": lambda: llmcompressor_pruner(args.method, args.batch_size, tok),
+              "dense": lambda: (lambda model, calib: None)}[args.side]()  # imports are not timed
     rss_model = rss_mib("VmRSS")
     reset_peak_rss()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    if args.side != "dense":
-        {"sparsecraft": prune_sparsecraft, "llmcompressor": prune_llmcompressor}[args.side](
-            model, tok, data["calib"], args.method, args.batch_size)
+    pruner(model, data["calib"])
     seconds = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     peak = rss_mib("VmHWM")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sparsecraft import formats
-from sparsecraft.kernels import current_isa, dense_tiles_linear, make_layout, sparse_linear
+from sparsecraft.kernels import dense_tiles_linear, load_kernels, make_layout, sparse_linear
 from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, check_layout, layout_keep, layout_to_dense
 from sparsecraft.kernels.measure import Cycle, time_interleaved
 from sparsecraft.modules.swap import swap_module_
@@ -210,13 +210,15 @@ DECODE_PATH_CACHE = Path.home() / ".cache" / "sparsecraft" / "decode_paths.json"
 
 
 def _machine() -> str:
-    """The CPU model name (Linux /proc/cpuinfo), the kernel ISA and torch's thread count: what a decision holds for."""
+    """What a decision holds for: the CPU model name (Linux /proc/cpuinfo), the kernel build (its name carries the ISA
+    and a hash of the source, so a changed kernel is measured again) and torch's thread count."""
     try:
         name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("model name")), "unknown CPU")
     except OSError:
         name = "unknown CPU"
-    return f"{name}|{current_isa()}|threads={torch.get_num_threads()}"
+    ext = load_kernels()
+    return f"{name}|{ext.__name__ if ext is not None else 'ref'}|threads={torch.get_num_threads()}"
 
 
 def _shape_key(m: SparseLinear) -> str:

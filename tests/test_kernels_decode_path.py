@@ -54,3 +54,15 @@ def test_measured_decisions_are_cached_and_reused(tmp_path):
     assert all(again[f] != chosen[f] for f in chosen)
     assert all((m.decode_weight is not None) == (again[f] == "dense")
                for f, m in model.named_modules() if isinstance(m, SparseLinear))
+
+
+def test_a_malformed_cache_is_measured_again_and_rewritten(tmp_path):
+    model, masks = _model()
+    sparsify_model_(model, masks, "unstructured")
+    cache = tmp_path / "paths.json"
+    for bad in ("{not json", json.dumps(["dense"]), json.dumps({f"{_machine()}|{_shape_key(model[0])}": "fast"})):
+        cache.write_text(bad)
+        chosen = choose_decode_paths_(model, rounds=1, cache=cache)
+        saved = json.loads(cache.read_text())
+        assert len(saved) == 2 and set(saved.values()) <= {"kernel", "dense"}
+        assert chosen["0"] == saved[f"{_machine()}|{_shape_key(model[0])}"]

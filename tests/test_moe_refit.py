@@ -10,7 +10,8 @@ from conftest import VOCAB, tiny_model
 from sparsecraft.modules.moe_mlp import MoEMLP
 from sparsecraft.moe.moefy import MoEfyConfig, find_gated_mlps, mlp_inputs, moefy_, set_top_k_
 from sparsecraft.moe.refit import expert_activations, refit_down_, routing_mask, solve_down
-from sparsecraft.moe.router_train import RouterTrainConfig, kl_to_teacher, train_routers_
+from sparsecraft.moe.router_train import RouterTrainConfig, train_routers_
+from sparsecraft.structured.distill import kd_loss
 
 
 @pytest.fixture
@@ -88,10 +89,10 @@ def test_expert_distillation_trains_experts_and_routers(tokens):
     moefy_(model, tokens, MoEfyConfig(num_experts=4, top_k=1, shared_experts=1))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
-        kl0 = float(kl_to_teacher(model(tokens).logits, teacher(tokens).logits))
+        kl0 = float(kd_loss(model(tokens).logits, teacher(tokens).logits))
     train_routers_(model, teacher, tokens, RouterTrainConfig(steps=10, batch_size=8, lr=1e-2, expert_lr=1e-3))
     with torch.no_grad():
-        kl1 = float(kl_to_teacher(model(tokens).logits, teacher(tokens).logits))
+        kl1 = float(kd_loss(model(tokens).logits, teacher(tokens).logits))
     assert kl1 < 0.8 * kl0, (kl0, kl1)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     expert_names = ("gate_up", "down", "router_weight", "router_bias")

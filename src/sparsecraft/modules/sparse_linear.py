@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from sparsecraft import formats
+from sparsecraft.io import atomic_write_text
 from sparsecraft.kernels import dense_tiles_linear, load_kernels, make_layout, sparse_linear
 from sparsecraft.kernels.layout import BitmaskLayout, CsrLayout, Layout, check_layout, layout_keep, layout_to_dense
 from sparsecraft.kernels.measure import Cycle, time_interleaved
@@ -223,7 +223,8 @@ def _machine() -> str:
 
 def _shape_key(m: SparseLinear) -> str:
     # Sparsity to the nearest 5%: layers of one shape pruned to one plan share a decision.
-    return f"{m.out_features}x{m.in_features}|{str(m.values.dtype).removeprefix('torch.')}|{m.kind}|{round(m.sparsity * 20) / 20:.2f}"
+    dtype = str(m.values.dtype).removeprefix("torch.")
+    return f"{m.out_features}x{m.in_features}|{dtype}|{m.kind}|{round(m.sparsity * 20) / 20:.2f}"
 
 
 def _time_group(layers: list[SparseLinear], rounds: int) -> dict[str, float]:
@@ -249,9 +250,7 @@ def choose_decode_paths_(model: nn.Module, rounds: int = 7, cache: Path | None =
         if isinstance(m, SparseLinear):
             groups.setdefault(_shape_key(m), []).append((fqn, m))
     machine = _machine()
-    known: dict[str, str] = {}
-    if cache is not None and cache.exists() and not remeasure:
-        known = json.loads(cache.read_text())
+    known = {} if cache is None or remeasure else _read_decisions(cache)
     chosen: dict[str, str] = {}
     for key, members in groups.items():
         full = f"{machine}|{key}"
@@ -263,7 +262,17 @@ def choose_decode_paths_(model: nn.Module, rounds: int = 7, cache: Path | None =
             chosen[fqn] = known[full]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(tmp, cache)
+        atomic_write_text(cache, json.dumps(known, indent=1, sort_keys=True))
     return chosen
+
+
+def _read_decisions(cache: Path) -> dict[str, str]:
+    """The cached decisions; a missing, unreadable or malformed file counts as empty (every shape is measured again
+    and the file rewritten)."""
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(k, str) and v in ("dense", "kernel")}

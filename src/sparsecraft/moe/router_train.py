@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from sparsecraft.modules.moe_mlp import MoEMLP
+from sparsecraft.structured.distill import kd_loss
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,6 @@ class RouterTrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0 or self.expert_lr < 0 \
                 or (self.max_seconds is not None and self.max_seconds <= 0):
             raise ValueError("steps and batch_size must be >= 1, lr, temperature and max_seconds > 0, expert_lr >= 0")
-
-
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student); logits (..., V)."""
-    t = F.log_softmax(teacher_logits.float(), -1)
-    s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
 
 
 def train_routers_(model: nn.Module, teacher: nn.Module, windows: torch.Tensor,
@@ -74,7 +67,7 @@ def train_routers_(model: nn.Module, teacher: nn.Module, windows: torch.Tensor,
             batch = windows[torch.randint(0, windows.shape[0], (config.batch_size,), generator=g)].to(device)
             with torch.no_grad():
                 target = teacher(batch).logits
-            loss = kl_to_teacher(model(batch).logits, target)
+            loss = kd_loss(model(batch).logits, target)  # mean per-token KL(teacher || student)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,7 +6,9 @@ run (same calibration windows, same evaluation windows, same process). Usage:
     python bench/bench_oneshot.py [--nsamples 16 --seqlen 256 --eval-windows 8 --eval-seqlen 512]
         [--settings 0.5 0.7 2:4] [--methods sparsegpt ria admm alps] [--reconstruct-steps 0 20] [--lr 1e-5]
         [--permute]  (2:4 only: fold RIA's channel permutation into every MLP first, then prune with each method)
-The issue's target calibration is 64x512; the defaults are smaller because the machine is a shared 2-core CPU.
+A method spec is NAME[@ALLOCATION][:KEY=VALUE,...], e.g. ``alps@owl:base=sparsegpt`` (OWL per-layer sparsity at
+the same average, unstructured settings only; ALPS from SparseGPT's mask) or ``admm:base=sparsegpt,gradual=false``. The issue's target
+calibration is 64x512 (``--nsamples 64 --seqlen 512``); the defaults are smaller for a quick look.
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ import json
 import time
 
 import torch
+
+
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """'alps@owl:base=sparsegpt,iters=30' -> ('alps', 'owl', {'base': 'sparsegpt', 'iters': 30})."""
+    head, _, rest = spec.partition(":")
+    name, _, allocation = head.partition("@")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, allocation or "uniform", options
 
 
 def main() -> None:
@@ -29,11 +45,14 @@ def main() -> None:
     ap.add_argument("--reconstruct-steps", nargs="+", type=int, default=[0])
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--permute", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from sparsecraft import data, evaluate
-    from sparsecraft.api import prune
+    from sparsecraft.api import allocate, prune
     from sparsecraft.engine.blocks import find_blocks, find_targets
     from sparsecraft.engine.permute import permute_mlps_for_nm_
     from sparsecraft.engine.reconstruct import reconstruct_block_
@@ -69,11 +88,17 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if args.permute and ":" in setting:
                     permute_mlps_for_nm_(model, calib, pattern)
+                name, allocation, options = parse_method(method)
+                layer_sparsity = None
+                if allocation != "uniform" and ":" not in setting:
+                    layer_sparsity = allocate(model, allocation, sparsity, pattern, calib)
                 log: list[dict] = []
-                prune(model, method, sparsity, pattern, calib, progress=False, after_prune=reconstructor(steps, log))
+                prune(model, name, sparsity, pattern, calib, layer_sparsity=layer_sparsity, method_options=options,
+                      progress=False, after_prune=reconstructor(steps, log))
                 seconds = time.perf_counter() - t0
                 ppl = evaluate.perplexity(model, windows)
                 row = {"setting": setting, "method": method, "reconstruct_steps": steps, "permute": args.permute,
+                       "allocation": allocation if layer_sparsity is not None else "uniform",
                        "ppl": ppl, "gap": ppl - dense, "dense": dense, "prune_s": seconds,
                        "block_err_before": sum(r["before"] for r in log) / max(1, len(log)),
                        "block_err_after": sum(r["after"] for r in log) / max(1, len(log)),
@@ -87,7 +112,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next((x for x in rows if x["setting"] == r["setting"] and x["method"] == "sparsegpt"
-                    and x["reconstruct_steps"] == 0), None)
+                    and x["reconstruct_steps"] == 0 and x["allocation"] == "uniform"), None)
         cut = f"{100 * (1 - r['gap'] / ref['gap']):+.1f}%" if ref and ref["gap"] > 0 else "-"
         print(f"| {r['setting']} | {r['method']} | {r['reconstruct_steps']} | {r['ppl']:.2f} | {r['gap']:.2f} | "
               f"{cut} | {r['prune_s']:.0f} |")

@@ -77,6 +77,23 @@ def test_soft_mask_limits() -> None:
     assert torch.allclose(hot.sum(), torch.tensor(2.0))  # any soft mask keeps n of m in expectation
 
 
+def test_soft_mask_matches_autograd_composition() -> None:
+    """The fused Function gives the plain formula's mask and logits gradient (same generator, same noise)."""
+    cands = candidates(NM(2, 4))
+    logits = torch.randn(8, 5, 6) * 0.02
+    weight = torch.randn(8, 20)
+    fused, plain = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    m1 = soft_mask(fused, cands, 150.0, 2.0, torch.Generator().manual_seed(3))
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(3)).clamp_(min=1e-20)
+    y = torch.softmax((150.0 * plain - torch.log(-torch.log(u))) / 2.0, dim=-1)
+    m2 = (y @ cands.float()).flatten(1)
+    torch.testing.assert_close(m1, m2)
+    (m1 * weight).sum().backward()
+    (m2 * weight).sum().backward()
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-4)
+    assert fused.grad.abs().max() > 1.0  # the gradient is not trivially zero
+
+
 def test_prior_sets_initial_argmax_and_forward() -> None:
     model = tiny_llama()
     prior = magnitude_prior(model)

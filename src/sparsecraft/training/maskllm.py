@@ -277,6 +277,9 @@ class MaskLLM:
             self.load_state(folder / STATE_FILE)
         self.model.train()
         logits = [p.logits for p in self.params.values()]
+        # As tau falls, softmax weights of e^-80..e^-100 are subnormal floats, and a CPU matmul over a weight with 0.2%
+        # subnormal entries ran 12x slower (measured on SmolLM2 at tau 0.22): flush them to zero while training.
+        torch.set_flush_denormal(True)
         try:
             while self.step < self.config.steps:
                 self.set_step(self.step)
@@ -296,6 +299,7 @@ class MaskLLM:
             if folder is not None:
                 self.save_state(folder / STATE_FILE)
         finally:
+            torch.set_flush_denormal(False)  # torch's default
             self.model.eval()
         return self.records
 

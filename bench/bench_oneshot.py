@@ -14,6 +14,8 @@ calibration is 64x512 (``--nsamples 64 --seqlen 512``); the defaults are smaller
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import time
 
@@ -44,6 +46,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["sparsegpt", "ria", "admm", "alps"])
     ap.add_argument("--reconstruct-steps", nargs="+", type=int, default=[0])
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--reconstruct-target", choices=("local", "dense"), default="local",
+                    help="local: the dense block on the pruned model's inputs (the library's); dense: the dense "
+                         "model's own block outputs, so each block also corrects the error of the blocks before it")
     ap.add_argument("--permute", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
@@ -70,10 +75,21 @@ def main() -> None:
           f"{windows.shape[1]}, threads {torch.get_num_threads()})", flush=True)
     blocks_fqn, _ = find_blocks(model)
 
+    dense_blocks = copy.deepcopy(find_blocks(model)[1]) if args.reconstruct_target == "dense" else None
+
     def reconstructor(steps: int, log: list[dict]):
+        dense_hidden: list[torch.Tensor] = []  # --reconstruct-target dense: the dense model's own block inputs
+
         def after(i, block, calls, dense_outputs, masks):
             targets = find_targets(block, f"{blocks_fqn}.{i}")
             targets = {f: m for f, m in targets.items() if f in masks}
+            if dense_blocks is not None:  # target: the dense block on the DENSE model's inputs, not on the pruned
+                if i == 0:
+                    dense_hidden[:] = [c.hidden for c in calls]
+                with torch.no_grad():
+                    dense_outputs = [dataclasses.replace(c, hidden=h).run(dense_blocks[i], next(block.parameters()).device)
+                                     for c, h in zip(calls, dense_hidden)]
+                dense_hidden[:] = dense_outputs
             log.append(reconstruct_block_(block, calls, targets, masks, dense_outputs, steps, args.lr,
                                           next(block.parameters()).device))
         return after if steps > 0 else None
@@ -98,6 +114,7 @@ def main() -> None:
                 seconds = time.perf_counter() - t0
                 ppl = evaluate.perplexity(model, windows)
                 row = {"setting": setting, "method": method, "reconstruct_steps": steps, "permute": args.permute,
+                       "reconstruct_target": args.reconstruct_target, "lr": args.lr,
                        "allocation": allocation if layer_sparsity is not None else "uniform",
                        "ppl": ppl, "gap": ppl - dense, "dense": dense, "prune_s": seconds,
                        "block_err_before": sum(r["before"] for r in log) / max(1, len(log)),

@@ -166,17 +166,21 @@ def run_child(args: argparse.Namespace) -> None:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).eval()
     dense_zeros = block_zero_fraction(model)
-    pruner = {"sparsecraft": lambda: sparsecraft_pruner(args.method, args.batch_size),
-              "llmcompressor": lambda: llmcompressor_pruner(args.method, args.batch_size, tok),
-              "dense": lambda: (lambda model, calib: None)}[args.side]()  # imports are not timed
+    make_pruner = {"sparsecraft": lambda: sparsecraft_pruner(args.method, args.batch_size),
+                   "llmcompressor": lambda: llmcompressor_pruner(args.method, args.batch_size, tok),
+                   "dense": lambda: (lambda model, calib: None)}[args.side]  # imports are not timed
     if args.warm:  # a first prune on a copy (2 windows) pages in the code and fills the allocator caches of both
         import copy  # sides, so "above model" is what the measured prune itself holds
         import gc
 
         warm = copy.deepcopy(model)
-        pruner(warm, data["calib"][:2])
+        make_pruner()(warm, data["calib"][:2])
+        if args.side == "llmcompressor":  # its modifiers and session refuse a second initialisation
+            from llmcompressor.core.session_functions import reset_session
+            reset_session()
         del warm
         gc.collect()
+    pruner = make_pruner()
     rss_model = rss_mib("VmRSS")
     reset_peak_rss()
     r0 = resource.getrusage(resource.RUSAGE_SELF)

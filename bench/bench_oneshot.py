@@ -14,8 +14,6 @@ calibration is 64x512 (``--nsamples 64 --seqlen 512``); the defaults are smaller
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import time
 
@@ -45,10 +43,10 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     ap.add_argument("--methods", nargs="+", default=["sparsegpt", "ria", "admm", "alps"])
     ap.add_argument("--reconstruct-steps", nargs="+", type=int, default=[0])
-    ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--reconstruct-target", choices=("local", "dense"), default="local",
-                    help="local: the dense block on the pruned model's inputs (the library's); dense: the dense "
-                         "model's own block outputs, so each block also corrects the error of the blocks before it")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--reconstruct-target", choices=("dense", "local"), default="dense",
+                    help="dense: the dense model's own block outputs (each block also corrects the error of the "
+                         "blocks before it); local: the dense block on the pruned model's inputs")
     ap.add_argument("--permute", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
@@ -58,9 +56,8 @@ def main() -> None:
 
     from sparsecraft import data, evaluate
     from sparsecraft.api import allocate, prune
-    from sparsecraft.engine.blocks import find_blocks, find_targets
     from sparsecraft.engine.permute import permute_mlps_for_nm_
-    from sparsecraft.engine.reconstruct import reconstruct_block_
+    from sparsecraft.engine.reconstruct import BlockReconstruction
     from sparsecraft.models import load_model
     from sparsecraft.patterns import parse_pattern
 
@@ -73,26 +70,9 @@ def main() -> None:
     dense = evaluate.perplexity(model, windows)
     print(f"dense ppl {dense:.3f}  (calibration {args.nsamples}x{args.seqlen}, eval {windows.shape[0]}x"
           f"{windows.shape[1]}, threads {torch.get_num_threads()})", flush=True)
-    blocks_fqn, _ = find_blocks(model)
 
-    dense_blocks = copy.deepcopy(find_blocks(model)[1]) if args.reconstruct_target == "dense" else None
-
-    def reconstructor(steps: int, log: list[dict]):
-        dense_hidden: list[torch.Tensor] = []  # --reconstruct-target dense: the dense model's own block inputs
-
-        def after(i, block, calls, dense_outputs, masks):
-            targets = find_targets(block, f"{blocks_fqn}.{i}")
-            targets = {f: m for f, m in targets.items() if f in masks}
-            if dense_blocks is not None:  # target: the dense block on the DENSE model's inputs, not on the pruned
-                if i == 0:
-                    dense_hidden[:] = [c.hidden for c in calls]
-                with torch.no_grad():
-                    dense_outputs = [dataclasses.replace(c, hidden=h).run(dense_blocks[i], next(block.parameters()).device)
-                                     for c, h in zip(calls, dense_hidden)]
-                dense_hidden[:] = dense_outputs
-            log.append(reconstruct_block_(block, calls, targets, masks, dense_outputs, steps, args.lr,
-                                          next(block.parameters()).device))
-        return after if steps > 0 else None
+    def reconstructor(steps: int, log: dict[int, dict]):
+        return BlockReconstruction(model, steps, args.lr, "cpu", log, args.reconstruct_target) if steps > 0 else None
 
     rows = []
     for setting in args.settings:
@@ -108,7 +88,7 @@ def main() -> None:
                 layer_sparsity = None
                 if allocation != "uniform" and ":" not in setting:
                     layer_sparsity = allocate(model, allocation, sparsity, pattern, calib)
-                log: list[dict] = []
+                log: dict[int, dict] = {}
                 prune(model, name, sparsity, pattern, calib, layer_sparsity=layer_sparsity, method_options=options,
                       progress=False, after_prune=reconstructor(steps, log))
                 seconds = time.perf_counter() - t0
@@ -117,8 +97,8 @@ def main() -> None:
                        "reconstruct_target": args.reconstruct_target, "lr": args.lr,
                        "allocation": allocation if layer_sparsity is not None else "uniform",
                        "ppl": ppl, "gap": ppl - dense, "dense": dense, "prune_s": seconds,
-                       "block_err_before": sum(r["before"] for r in log) / max(1, len(log)),
-                       "block_err_after": sum(r["after"] for r in log) / max(1, len(log)),
+                       "block_err_before": sum(r["before"] for r in log.values()) / max(1, len(log)),
+                       "block_err_after": sum(r["after"] for r in log.values()) / max(1, len(log)),
                        "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": int(windows.shape[0])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -96,6 +96,7 @@ def cases(w: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("--device", "cuda:7", "no CUDA"), ("--device", "tpu", "device"), ("--device", "meta", "not supported"),
         ("--dampening", "-1", "dampening"), ("--dampening", "x", "invalid float"),
         ("--reconstruct-steps", "-1", "reconstruct_steps must be >= 0"), ("--nsamples", "", "invalid int"),
+        ("--reconstruct-target", "global", "invalid choice"), ("--reconstruct-lr", "0", "reconstruct_lr must be > 0"),
     ]:
         c.append((f"prune{flag}={value}", prune(w, flag, value), msg))
     c.append(("prune-sparsity-with-2:4", prune(w, "--pattern", "2:4", "--sparsity", "0.3"), "fixes the sparsity"))

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+import sparsecraft
 from conftest import tiny_model
 from sparsecraft.engine.blocks import find_targets
 from sparsecraft.engine.capture import as_batches
 from sparsecraft.engine.driver import capture
-from sparsecraft.engine.reconstruct import block_error, reconstruct_block_
+from sparsecraft.engine.reconstruct import BlockReconstruction, block_error, reconstruct_block_
 from sparsecraft.patterns import topk_mask
 
 
@@ -45,3 +46,42 @@ def test_zero_steps_and_bad_inputs(calib):
         reconstruct_block_(block, calls, targets, {}, dense, steps=1)
     with pytest.raises(ValueError, match="one dense output per"):
         reconstruct_block_(block, calls, targets, masks, dense[:1], steps=1)
+
+
+class Recorder(BlockReconstruction):
+    """Records the reconstruction target the loop hands to each block."""
+
+    def __init__(self, model, target):
+        super().__init__(model, steps=0, target=target)
+        self.targets: dict[int, torch.Tensor] = {}
+
+    def __call__(self, index, block, calls, dense_outputs, masks):
+        self.targets[index] = torch.cat(dense_outputs)
+        super().__call__(index, block, calls, dense_outputs, masks)
+
+
+def test_dense_target_is_the_dense_models_block_output(calib):
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        hidden = dense(calib, output_hidden_states=True).hidden_states  # (embeddings, block 0 out, block 1 out+norm)
+    recorded = {}
+    for target in ("dense", "local"):
+        model = tiny_model("llama")
+        hook = Recorder(model, target)
+        sparsecraft.prune(model, "wanda", 0.7, "unstructured", calib, batch_size=2, progress=False, after_prune=hook)
+        recorded[target] = hook.targets
+    torch.testing.assert_close(recorded["dense"][0], hidden[1])  # block 0: both read the embeddings
+    torch.testing.assert_close(recorded["local"][0], hidden[1])
+    final_norm = tiny_model("llama").model.norm
+    with torch.no_grad():  # block 1: the dense model's own output (its hidden_states add the final norm)
+        torch.testing.assert_close(final_norm(recorded["dense"][1]), hidden[2])
+        local = final_norm(recorded["local"][1])  # the dense block on the pruned block 0's output: another target
+    assert (local - hidden[2]).abs().max() > 1e-3
+
+
+def test_hook_rejects_bad_settings():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="valid targets: dense, local"):
+        BlockReconstruction(model, 4, target="global")
+    with pytest.raises(ValueError, match="lr > 0"):
+        BlockReconstruction(model, 4, lr=0.0)

@@ -194,6 +194,10 @@ class RunConfig:
                                      "file's allocation_options)", choices=lambda: list(ALLOCATIONS))
     reconstruct_steps: int = opt(0, "after each block is pruned, optimise its kept weights on the block output "
                                     "error for this many steps (0 = off)")
+    reconstruct_target: str = opt("dense", "what reconstruction matches: dense = the dense model's block outputs "
+                                           "(also corrects earlier blocks' error), local = the dense block on the "
+                                           "pruned inputs", choices=lambda: ["dense", "local"])
+    reconstruct_lr: float = opt(1e-4, "Adam learning rate of block reconstruction")
     layer_sparsity: dict[str, float] = opt({}, "per-layer sparsity by module fqn (settings file only)", cli=False)
     include: list[str] = opt([], "fnmatch patterns on module fqns; empty = every Linear in the blocks", cli=False)
     exclude: list[str] = opt([], "fnmatch patterns on module fqns to leave dense", cli=False)
@@ -212,6 +216,10 @@ class RunConfig:
         check_common(self)
         if self.reconstruct_steps < 0:
             raise ValueError(f"reconstruct_steps must be >= 0, got {self.reconstruct_steps}")
+        if self.reconstruct_target not in ("dense", "local"):
+            raise ValueError(f"unknown reconstruct_target {self.reconstruct_target!r}; valid: dense, local")
+        if not self.reconstruct_lr > 0:
+            raise ValueError(f"reconstruct_lr must be > 0, got {self.reconstruct_lr}")
         for s in self.layer_sparsity.values():
             check_sparsity(s)
         if self.allocation not in ALLOCATIONS:

@@ -72,7 +72,8 @@ def after_prune_hook(model, cfg: RunConfig, device, log: dict):
     """Block reconstruction after each block's layer-wise solve (``--reconstruct-steps N``), or nothing."""
     if cfg.reconstruct_steps <= 0:
         return None
-    return block_reconstruction_hook(model, cfg.reconstruct_steps, device=device, log=log)
+    return block_reconstruction_hook(model, cfg.reconstruct_steps, cfg.reconstruct_lr, device, log,
+                                     cfg.reconstruct_target)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ from sparsecraft.methods.base import LayerStats, Method
 from sparsecraft.patterns import Pattern
 
 BlockDone = Callable[[int, PruneResult, list[BlockCall]], None]
-# after_prune(i, block, calls, dense_outputs, masks): e.g. block reconstruction; runs before propagation
+# after_prune(i, block, calls, dense_outputs, masks): e.g. block reconstruction; runs before propagation. A hook with
+# a ``target_calls(i, calls)`` method gets the dense block's outputs on those inputs instead of on ``calls``.
 AfterPrune = Callable[[int, nn.Module, list[BlockCall], list[torch.Tensor], dict[str, torch.Tensor]], None]
 
 
@@ -93,11 +94,16 @@ def prune_block(block: nn.Module, targets: dict[str, nn.Module], layer_sparsity:
                 result: PruneResult, after_prune: AfterPrune | None = None, index: int = 0) -> None:
     """Calibrate every target of one block on all batches, then prune each with its planned sparsity."""
     dense_outputs: list[torch.Tensor] = []
+    # a hook may ask for the dense block's outputs on other inputs (block reconstruction toward the dense model)
+    target_calls = getattr(after_prune, "target_calls", None)
     with torch.no_grad(), collect_inputs(targets, method.needs, device) as collectors:
         for call in calls:
             out = call.run(block, device)
-            if after_prune is not None:
+            if after_prune is not None and target_calls is None:
                 dense_outputs.append(out.to(call.hidden.device))
+    if target_calls is not None:
+        with torch.no_grad():  # the block is still dense here, and no collector is listening
+            dense_outputs = [c.run(block, device).to(c.hidden.device) for c in target_calls(index, calls)]
     for fqn, module in targets.items():
         keep, record = prune_layer(fqn, module, collectors[fqn], method, layer_sparsity[fqn], pattern, seed)
         result.masks[fqn] = keep

@@ -11,6 +11,8 @@ so the block's output error never rises.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -100,17 +102,54 @@ def _train(block: nn.Module, inputs: list[BlockCall], dense_outputs: list[torch.
                     p.mul_(keeps[fqn])  # and stay exactly zero
 
 
-def block_reconstruction_hook(model: nn.Module, steps: int, lr: float = 1e-4,
-                              device: torch.device | str = "cpu", log: dict[int, dict[str, float]] | None = None):
+TARGETS = ("dense", "local")
+
+
+class BlockReconstruction:
     """An ``after_prune`` hook for the one-shot loop (``sparsecraft.prune(..., after_prune=...)``): after each block
-    is pruned, ``reconstruct_block_`` its kept weights for ``steps`` steps. ``log`` (optional) receives
-    {block index: {"before", "after", "steps"}}."""
+    is pruned, ``reconstruct_block_`` its kept weights for ``steps`` steps toward ``target``:
 
-    def hook(index: int, block: nn.Module, calls: list[BlockCall], dense_outputs: list[torch.Tensor],
-             masks: dict[str, torch.Tensor]) -> None:
-        targets = {fqn: model.get_submodule(fqn) for fqn in masks}
-        stats = reconstruct_block_(block, calls, targets, masks, dense_outputs, steps, lr, device)
-        if log is not None:
-            log[index] = stats
+    - ``"dense"`` (default): the dense MODEL's output of the block, i.e. the dense block run on the dense model's own
+      hidden states. Each block then also corrects the error that the pruned blocks before it left in its input.
+      The loop asks ``target_calls`` for those inputs and runs the still-dense block on them; the hook keeps the
+      dense stream (one more copy of the cached hidden states). Measured on SmolLM2 at 70%: the perplexity gap to
+      dense of SparseGPT shrinks by 45% with 24 steps (docs/oneshot.md).
+    - ``"local"``: the dense block on the pruned model's inputs (corrects only the block's own pruning error).
 
-    return hook
+    A prune resumed mid-model starts its dense stream from the resumed block's (pruned) inputs. ``log`` (optional)
+    receives {block index: {"before", "after", "steps"}}.
+    """
+
+    def __init__(self, model: nn.Module, steps: int, lr: float = 1e-4, device: torch.device | str = "cpu",
+                 log: dict[int, dict[str, float]] | None = None, target: str = "dense") -> None:
+        if target not in TARGETS:
+            raise ValueError(f"unknown reconstruction target {target!r}; valid targets: {', '.join(TARGETS)}")
+        if steps < 0 or not lr > 0:
+            raise ValueError(f"block reconstruction needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+        self.model, self.steps, self.lr, self.device, self.log, self.target = model, steps, lr, device, log, target
+        self.stream: list[torch.Tensor] | None = None  # the dense model's hidden states entering the next block
+
+    def target_calls(self, index: int, calls: list[BlockCall]) -> list[BlockCall]:
+        """The inputs on which the loop runs block ``index`` (still dense) for the reconstruction target."""
+        if self.target == "local" or self.stream is None:
+            return calls
+        if len(self.stream) != len(calls):
+            raise ValueError(f"block {index}: {len(calls)} calibration batches but {len(self.stream)} dense hidden "
+                             f"states kept; the batches changed between blocks")
+        return [dataclasses.replace(c, hidden=h) for c, h in zip(calls, self.stream)]
+
+    def __call__(self, index: int, block: nn.Module, calls: list[BlockCall], dense_outputs: list[torch.Tensor],
+                 masks: dict[str, torch.Tensor]) -> None:
+        if self.target == "dense":
+            self.stream = dense_outputs  # the dense block's outputs on the dense stream: the next block's input
+        targets = {fqn: self.model.get_submodule(fqn) for fqn in masks}
+        stats = reconstruct_block_(block, calls, targets, masks, dense_outputs, self.steps, self.lr, self.device)
+        if self.log is not None:
+            self.log[index] = stats
+
+
+def block_reconstruction_hook(model: nn.Module, steps: int, lr: float = 1e-4,
+                              device: torch.device | str = "cpu", log: dict[int, dict[str, float]] | None = None,
+                              target: str = "dense") -> BlockReconstruction:
+    """The ``after_prune`` hook of ``BlockReconstruction`` (kept for callers of the function form)."""
+    return BlockReconstruction(model, steps, lr, device, log, target)

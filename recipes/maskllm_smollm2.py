@@ -100,15 +100,19 @@ def main() -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--ood-text", type=Path, default=None,
+                   help="a .txt file or folder from another domain (e.g. recipes/brown_text.py's output): perplexity "
+                        "of dense, SparseGPT 2:4 and the learned masks on it too, since the masks learn on Shakespeare")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=20.0, help="training time budget (sets the step count)")
     budget.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=256, help="training window length")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--temperature", type=float, nargs=2, default=(4.0, 0.05))
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, nargs=2, default=(2.0, 0.05),
+                   help="Gumbel-softmax temperature, start and end (the paper: 4 -> 0.05; see docs/training.md)")
     p.add_argument("--scale", type=float, nargs=2, default=(100.0, 500.0))
-    p.add_argument("--prior-strength", type=float, default=3.0)
+    p.add_argument("--prior-strength", type=float, default=5.0)
     p.add_argument("--weight-reg", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=10)
@@ -124,10 +128,14 @@ def main() -> None:
     calib_tokens = data.tokenize(tok, data.read_text("shakespeare", "calib"))
     eval_win = data.eval_windows(data.tokenize(tok, data.read_text("shakespeare", "eval")), args.eval_seqlen,
                                  args.eval_windows)
+    ood_win = None if args.ood_text is None else data.eval_windows(
+        data.tokenize(tok, data.read_text(args.ood_text)), args.eval_seqlen, args.eval_windows)
     masks, pruned_w = sparsegpt_prior(dense, calib_tokens, args)
     ppl = {"dense": evaluate.perplexity(dense, eval_win)}
     sgpt = with_weights(dense, pruned_w)
     ppl["sparsegpt_2:4"] = evaluate.perplexity(sgpt, eval_win)
+    if ood_win is not None:
+        ppl["ood_dense"], ppl["ood_sparsegpt_2:4"] = (evaluate.perplexity(m, ood_win) for m in (dense, sgpt))
     del sgpt
     print(f"perplexity dense {ppl['dense']:.3f}, sparsegpt 2:4 {ppl['sparsegpt_2:4']:.3f} ({time.time() - t0:.0f}s)",
           flush=True)
@@ -164,6 +172,8 @@ def main() -> None:
                        if int(r["step"]) % log_every == 0 else None)
     train_seconds = time.time() - t_train
     ppl["maskllm"] = evaluate.perplexity(model, eval_win)
+    if ood_win is not None:
+        ppl["ood_maskllm"] = evaluate.perplexity(model, ood_win)
     final = ml.masks()
     groups = sum(m.numel() for m in final.values()) // PATTERN.m
     changed = sum(int((final[f] != masks[f]).reshape(-1, PATTERN.m).any(1).sum()) for f in final)
@@ -174,6 +184,8 @@ def main() -> None:
         "perplexity": ppl,
         "gap_cut_vs_sparsegpt": (ppl["sparsegpt_2:4"] - ppl["maskllm"]) / gap_sgpt,
         "steps": steps, "tokens_seen": steps * args.batch * args.seqlen,
+        "ood_gap_cut_vs_sparsegpt": None if ood_win is None else (ppl["ood_sparsegpt_2:4"] - ppl["ood_maskllm"])
+        / (ppl["ood_sparsegpt_2:4"] - ppl["ood_dense"]),
         "train_seconds_this_call": train_seconds, "seconds_per_step_probe": per_step,
         "groups_changed_vs_prior": changed, "groups": groups,
         "first_ce": records[0]["ce"], "last_ce": records[-1]["ce"],
@@ -186,6 +198,9 @@ def main() -> None:
           f"{ppl['maskllm_step0']:.3f} |\n| MaskLLM {steps} steps | {ppl['maskllm']:.3f} |\n"
           f"gap to dense cut vs SparseGPT 2:4: {numbers['gap_cut_vs_sparsegpt']:.1%}; tokens seen "
           f"{numbers['tokens_seen']:,}; groups changed {changed:,} of {groups:,}", flush=True)
+    if ood_win is not None:
+        print(f"{args.ood_text}: dense {ppl['ood_dense']:.3f}, SparseGPT 2:4 {ppl['ood_sparsegpt_2:4']:.3f}, MaskLLM "
+              f"{ppl['ood_maskllm']:.3f}; gap cut {numbers['ood_gap_cut_vs_sparsegpt']:.1%}", flush=True)
     if args.save:
         target = check_output(args.out / "model", overwrite=True)
         final = ml.finalize()

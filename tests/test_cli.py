@@ -64,6 +64,23 @@ def test_speed_row_of_an_in_memory_prune(assets, tmp_path):
     assert "speed" not in json.loads((tmp_path / "p" / "report.json").read_text())
 
 
+def test_block_reconstruction_from_the_cli(assets, tmp_path):
+    """--reconstruct-steps runs (not streamed), reports every block's error before/after (after <= before), keeps the
+    masks exact, and the settings record the target and lr."""
+    out = tmp_path / "r"
+    assert main(prune_args(assets, out, "--method", "sparsegpt", "--reconstruct-steps", "3", "--reconstruct-lr",
+                           "1e-3", "--eval-windows", "0", "--no-speed")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["reconstruct_target"] == "dense" and report["settings"]["reconstruct_lr"] == 1e-3
+    recon = report["reconstruction"]
+    assert sorted(recon) == ["0", "1"] and all(r["after"] <= r["before"] and r["steps"] == 3 for r in recon.values())
+    assert any(r["after"] < r["before"] for r in recon.values())  # the steps did move some block's weights
+    weights, masks = load_file(str(out / "model.safetensors")), load_masks(out / "masks.safetensors")
+    for fqn, keep in masks.items():
+        assert (weights[f"{fqn}.weight"][~keep] == 0).all()
+    assert report["sparsity"]["overall_pruned_layers"] == 0.5
+
+
 def test_hf_reload_gives_exact_pruned_weights_and_packed_roundtrip(pruned):
     from transformers import AutoModelForCausalLM
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from sparsecraft.report import layer_grid, plots
+from sparsecraft.report import layer_grid, plots, speed_rows
 
 
 def rec(fqn: str, sparsity: float, error: float) -> dict:
@@ -26,3 +26,12 @@ def test_plots_write_heatmaps_and_labelled_bars(tmp_path):
     made = plots(report, tmp_path)
     assert made == ["layer_sparsity.png", "layer_error.png", "perplexity.png"]
     assert all((tmp_path / f).stat().st_size > 2000 for f in made)
+
+
+def test_speed_row_flags_a_busy_machine():
+    speed = {"dense_tok_s": 10.0, "packed_tok_s": 15.0, "speedup": 1.5, "same_tokens": 1.0, "threads": 2, "cpus": 2}
+    rows = speed_rows({**speed, "load_average": 2.4})  # our own 2 threads: not busy
+    assert rows == [("decode tokens/s (this machine)", "10.0", "15.0 (1.50x, same tokens 100%)")]
+    rows = speed_rows({**speed, "load_average": 3.1})  # one more runnable thread than CPUs + 0.5
+    assert len(rows) == 2 and rows[1][0] == "decode timing" and "load average 3.1 on 2 CPUs" in rows[1][2]
+    assert speed_rows({k: v for k, v in speed.items() if k != "cpus"}) == rows[:1]  # older reports

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -96,9 +97,20 @@ def decode_speed(model: nn.Module, masks: Mapping[str, torch.Tensor], pattern: P
     are built (no copy of the model); ``model`` is unchanged afterwards. GPT-2 Conv1D layers stay dense."""
     linears = {f: model.get_submodule(f) for f in masks if isinstance(model.get_submodule(f), nn.Linear)}
     packed = {f: SparseLinear.from_dense(m, masks[f], pattern) for f, m in linears.items()}
+    load_before = load_average()
     rates, outs = decode_race({"dense": model, "packed": model}, ids, new_tokens, rounds,
                               contexts={"packed": lambda: swapped_in(model, packed)})
     same = float((outs["dense"] == outs["packed"]).float().mean())
     return {"dense_tok_s": rates["dense"], "packed_tok_s": rates["packed"],
             "speedup": rates["packed"] / rates["dense"], "same_tokens": same, "new_tokens": new_tokens,
-            "rounds": rounds}
+            "rounds": rounds, "threads": torch.get_num_threads(), "cpus": os.cpu_count() or 1,
+            "load_average": max(load_before, load_average())}
+
+
+def load_average() -> float:
+    """The 1-minute load average (runnable threads, ours included); 0.0 where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+

@@ -75,12 +75,25 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
+def busy_machine(speed: dict[str, float]) -> str | None:
+    """Why a decode-speed measurement cannot be trusted, or None: more runnable threads than CPUs means that a
+    multi-threaded op waits for a descheduled thread, which hits dense and packed layers unequally (``make demo`` on
+    a 2-core machine with one other busy process reported packed 5.14x faster, dense at 0.9 tok/s)."""
+    load, cpus = speed.get("load_average"), speed.get("cpus")
+    if load is None or cpus is None or load <= cpus + 0.5:
+        return None
+    return (f"machine busy during the timing (load average {load:.1f} on {int(cpus)} CPUs, "
+            f"{int(speed.get('threads', 0))} torch threads): the ratio is not reliable; rerun on an idle machine")
+
+
 def speed_rows(speed: dict[str, float] | None) -> list[tuple[str, str, str]]:
     """The decode-speed row: masked dense vs packed tokens/s, with the ratio and the token agreement."""
     if not speed:
         return []
-    return [("decode tokens/s (this machine)", f"{speed['dense_tok_s']:.1f}",
+    rows = [("decode tokens/s (this machine)", f"{speed['dense_tok_s']:.1f}",
              f"{speed['packed_tok_s']:.1f} ({speed['speedup']:.2f}x, same tokens {100 * speed['same_tokens']:.0f}%)")]
+    busy = busy_machine(speed)
+    return rows + ([("decode timing", "", busy)] if busy else [])
 
 
 def task_rows(tasks: dict[str, dict[str, dict[str, float]]] | None) -> list[tuple[str, str, str]]:

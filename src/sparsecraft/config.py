@@ -22,6 +22,7 @@ import yaml
 
 from sparsecraft.allocation import ALLOCATIONS
 from sparsecraft.activation.thresholds import THRESHOLD_METHODS
+from sparsecraft.engine.reconstruct import TARGETS as RECONSTRUCT_TARGETS
 from sparsecraft.methods import METHODS
 from sparsecraft.models import DTYPES, check_device
 from sparsecraft.patterns import NM, check_sparsity, parse_pattern
@@ -196,7 +197,7 @@ class RunConfig:
                                     "error for this many steps (0 = off)")
     reconstruct_target: str = opt("dense", "what reconstruction matches: dense = the dense model's block outputs "
                                            "(also corrects earlier blocks' error), local = the dense block on the "
-                                           "pruned inputs", choices=lambda: ["dense", "local"])
+                                           "pruned inputs", choices=lambda: list(RECONSTRUCT_TARGETS))
     reconstruct_lr: float = opt(1e-4, "Adam learning rate of block reconstruction")
     layer_sparsity: dict[str, float] = opt({}, "per-layer sparsity by module fqn (settings file only)", cli=False)
     include: list[str] = opt([], "fnmatch patterns on module fqns; empty = every Linear in the blocks", cli=False)
@@ -216,8 +217,9 @@ class RunConfig:
         check_common(self)
         if self.reconstruct_steps < 0:
             raise ValueError(f"reconstruct_steps must be >= 0, got {self.reconstruct_steps}")
-        if self.reconstruct_target not in ("dense", "local"):
-            raise ValueError(f"unknown reconstruct_target {self.reconstruct_target!r}; valid: dense, local")
+        if self.reconstruct_target not in RECONSTRUCT_TARGETS:
+            raise ValueError(f"unknown reconstruct_target {self.reconstruct_target!r}; valid: "
+                             f"{', '.join(RECONSTRUCT_TARGETS)}")
         if not self.reconstruct_lr > 0:
             raise ValueError(f"reconstruct_lr must be > 0, got {self.reconstruct_lr}")
         for s in self.layer_sparsity.values():

@@ -24,7 +24,7 @@ from sparsecraft.checkpoint import PACKED_FILE, save_masks, save_packed
 from sparsecraft.commands.options import add_config_arguments, add_output_arguments, config_from_args
 from sparsecraft.commands.prune_streamed import layer_sparsity_of, run_streamed, use_streaming, with_local_model
 from sparsecraft.config import RunConfig, read_settings
-from sparsecraft.engine.reconstruct import block_reconstruction_hook
+from sparsecraft.engine.reconstruct import BlockReconstruction
 from sparsecraft.engine.resume import ResumeState, content_fingerprint, text_digest
 from sparsecraft.hf_quantizer import complete_packed_folder
 from sparsecraft.io import MARKER, StagedOutput, atomic_write_text, check_output
@@ -72,8 +72,7 @@ def after_prune_hook(model, cfg: RunConfig, device, log: dict):
     """Block reconstruction after each block's layer-wise solve (``--reconstruct-steps N``), or nothing."""
     if cfg.reconstruct_steps <= 0:
         return None
-    return block_reconstruction_hook(model, cfg.reconstruct_steps, cfg.reconstruct_lr, device, log,
-                                     cfg.reconstruct_target)
+    return BlockReconstruction(model, cfg.reconstruct_steps, cfg.reconstruct_lr, device, log, cfg.reconstruct_target)
 
 
 def run(args: argparse.Namespace) -> int:

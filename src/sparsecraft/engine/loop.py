@@ -96,14 +96,15 @@ def prune_block(block: nn.Module, targets: dict[str, nn.Module], layer_sparsity:
     dense_outputs: list[torch.Tensor] = []
     # a hook may ask for the dense block's outputs on other inputs (block reconstruction toward the dense model)
     target_calls = getattr(after_prune, "target_calls", None)
+    inputs = target_calls(index, calls) if target_calls is not None else calls
     with torch.no_grad(), collect_inputs(targets, method.needs, device) as collectors:
         for call in calls:
             out = call.run(block, device)
-            if after_prune is not None and target_calls is None:
+            if after_prune is not None and inputs is calls:
                 dense_outputs.append(out.to(call.hidden.device))
-    if target_calls is not None:
+    if inputs is not calls:
         with torch.no_grad():  # the block is still dense here, and no collector is listening
-            dense_outputs = [c.run(block, device).to(c.hidden.device) for c in target_calls(index, calls)]
+            dense_outputs = [c.run(block, device).to(c.hidden.device) for c in inputs]
     for fqn, module in targets.items():
         keep, record = prune_layer(fqn, module, collectors[fqn], method, layer_sparsity[fqn], pattern, seed)
         result.masks[fqn] = keep

@@ -146,10 +146,3 @@ class BlockReconstruction:
         stats = reconstruct_block_(block, calls, targets, masks, dense_outputs, self.steps, self.lr, self.device)
         if self.log is not None:
             self.log[index] = stats
-
-
-def block_reconstruction_hook(model: nn.Module, steps: int, lr: float = 1e-4,
-                              device: torch.device | str = "cpu", log: dict[int, dict[str, float]] | None = None,
-                              target: str = "dense") -> BlockReconstruction:
-    """The ``after_prune`` hook of ``BlockReconstruction`` (kept for callers of the function form)."""
-    return BlockReconstruction(model, steps, lr, device, log, target)
